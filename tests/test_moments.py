@@ -65,7 +65,9 @@ def test_n_less_than_d_and_single_feature():
     ref = LedoitWolf().fit(x)
     assert rel_err(ledoit_wolf(merged)[0], ref.covariance_) < 1e-6
     one = rng.normal(size=(40, 1))
-    assert rel_err(ledoit_wolf(Moments.from_array(one))[0], LedoitWolf().fit(one).covariance_) < 1e-9
+    assert (
+        rel_err(ledoit_wolf(Moments.from_array(one))[0], LedoitWolf().fit(one).covariance_) < 1e-9
+    )
 
 
 def test_incremental_fit_equals_full_refit():

@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`.
+# Each creates (or reuses) .venv by itself.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON_FOR_VENV ?= $(shell command -v python3.11 || command -v python3)
+
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+
+.PHONY: demo test lint venv
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON_FOR_VENV) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(BIN)/gaussian-ad synth demo/data
+	$(BIN)/gaussian-ad evaluate demo/data --json demo/evaluation.json
+	$(BIN)/gaussian-ad fit demo/data --category disc --out demo/disc.safetensors
+	$(BIN)/gaussian-ad score demo/disc.safetensors demo/data/disc/test/good demo/data/disc/test/hole
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest

@@ -1,0 +1,41 @@
+"""Tabular outputs: score rows and error rows, written atomically as CSV or Parquet."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from gaussian_ad.detector import Scores
+from gaussian_ad.images import ImageError
+
+
+def score_table(paths: Sequence[str], scores: Scores, levels: Sequence[int]) -> pd.DataFrame:
+    """One row per scored image: path, score, score_l<level>..., is_anomaly."""
+    table = pd.DataFrame({"path": list(paths), "score": scores.scores})
+    for column, level in enumerate(levels):
+        table[f"score_l{level}"] = scores.level_scores[:, column]
+    table["is_anomaly"] = scores.is_anomaly
+    return table
+
+
+def error_table(errors: Sequence[ImageError]) -> pd.DataFrame:
+    """One row per unreadable image: path, reason."""
+    return pd.DataFrame({"path": [e.path for e in errors], "reason": [e.reason for e in errors]})
+
+
+def write_table(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write .csv or .parquet atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if path.suffix == ".parquet":
+        table.to_parquet(tmp, index=False)
+    elif path.suffix == ".csv":
+        table.to_csv(tmp, index=False)
+    else:
+        raise ValueError(f"{path}: unsupported table format (use .csv or .parquet)")
+    tmp.replace(path)
+    return path

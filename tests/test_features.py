@@ -1,0 +1,115 @@
+"""Feature extraction: sources, order, error records, agreement with a manual forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gaussian_ad.backbones import load_backbone
+from gaussian_ad.features import extract, iter_feature_batches
+
+N_IMAGES = 5
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("lite0", levels="1,4,7,9", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def arrays() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    smooth = [rng.integers(0, 256, (6, 8, 3), dtype=np.uint8) for _ in range(N_IMAGES)]
+    return [
+        np.asarray(Image.fromarray(a).resize((120, 90), Image.Resampling.BILINEAR)) for a in smooth
+    ]
+
+
+@pytest.fixture(scope="module")
+def png_paths(arrays, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, array in enumerate(arrays):
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(array).save(paths[-1])
+    return paths
+
+
+def manual_features(backbone, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """The paper's preprocessing written out: bilinear square resize, [0, 1], mean/std."""
+    size = backbone.spec.image_size
+    mean = np.array(backbone.spec.mean, dtype=np.float32)
+    std = np.array(backbone.spec.std, dtype=np.float32)
+    batch = []
+    for array in arrays:
+        image = Image.fromarray(array).convert("RGB")
+        resized = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+        batch.append((resized.astype(np.float32) / 255.0 - mean) / std)
+    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+    with torch.inference_mode():
+        return [level.numpy() for level in backbone(x)]
+
+
+def assert_features_equal(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["paths", "pil", "arrays"])
+def test_extract_matches_manual_forward(backbone, arrays, png_paths, kind):
+    sources = {
+        "paths": png_paths,
+        "pil": [Image.fromarray(a) for a in arrays],
+        "arrays": arrays,
+    }[kind]
+    features = extract(backbone, sources, batch_size=2, workers=2)
+    assert features.errors == []
+    np.testing.assert_array_equal(features.index, np.arange(N_IMAGES))
+    assert [level.shape for level in features.levels] == [
+        (N_IMAGES, d) for d in backbone.level_dims
+    ]
+    assert_features_equal(features.levels, manual_features(backbone, arrays))
+
+
+def test_grayscale_array_is_replicated_to_rgb(backbone, arrays):
+    gray = arrays[0][..., 0]
+    features = extract(backbone, [gray])
+    assert_features_equal(features.levels, manual_features(backbone, [np.stack([gray] * 3, -1)]))
+
+
+def test_broken_file_becomes_an_error_record(backbone, arrays, png_paths, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    missing = tmp_path / "missing.png"
+    sources = [png_paths[0], png_paths[1], broken, png_paths[2], missing, png_paths[3]]
+    features = extract(backbone, sources, batch_size=2, workers=2)
+    np.testing.assert_array_equal(features.index, [0, 1, 3, 5])
+    assert [error.path for error in features.errors] == [str(broken), str(missing)]
+    assert all(error.reason for error in features.errors)
+    assert_features_equal(features.levels, manual_features(backbone, arrays[:4]))
+
+
+def test_all_broken_gives_empty_levels(backbone, tmp_path):
+    features = extract(backbone, [tmp_path / "a.png", tmp_path / "b.png"], batch_size=1)
+    assert features.index.shape == (0,) and features.index.dtype == np.int64
+    assert [level.shape for level in features.levels] == [(0, d) for d in backbone.level_dims]
+    assert len(features.errors) == 2
+
+
+def test_batches_stream_in_input_order(backbone, arrays):
+    batches = list(iter_feature_batches(backbone, arrays, batch_size=2, workers=3))
+    assert [indices.tolist() for indices, _, _ in batches] == [[0, 1], [2, 3], [4]]
+    assert [levels[0].shape[0] for _, levels, _ in batches] == [2, 2, 1]
+
+
+def test_transform_runs_before_resize(backbone, arrays):
+    def flip(image: Image.Image) -> Image.Image:
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+    features = extract(backbone, arrays[:2], transform=flip)
+    flipped = [np.ascontiguousarray(a[:, ::-1]) for a in arrays[:2]]
+    assert_features_equal(features.levels, manual_features(backbone, flipped))
