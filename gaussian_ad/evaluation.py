@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.model_selection import KFold
 
 from gaussian_ad.detector import Detector, Scores
+from gaussian_ad.gaussian import GaussianAD
 from gaussian_ad.images import ImageError, ImageRecord, mvtec_manifest
 from gaussian_ad.metrics import auroc, level_aurocs, mean_sem
+from gaussian_ad.thresholds import empirical_threshold, observed_rate, sigma_to_fpr
 
 
 @dataclass
@@ -79,3 +82,108 @@ def summary(results: Iterable[CategoryEvaluation]) -> dict[str, Any]:
         "mean_auroc": mean,
         "sem_auroc": sem,
     }
+
+
+SIGMAS = (1, 2, 3, 4, 5)
+TARGET_FPRS = (0.01, 0.001)
+
+
+def holdout_split(n: int, n_folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) indices: fold 0 of KFold(n_folds, shuffle, seed), as the paper splits."""
+    if n < n_folds:
+        raise ValueError(f"need at least {n_folds} normal training images to hold out a fold")
+    fit_idx, held_idx = next(KFold(n_folds, shuffle=True, random_state=seed).split(np.arange(n)))
+    return fit_idx, held_idx
+
+
+@dataclass
+class ThresholdReport:
+    """Thresholds and how they do: predicted FPR against observed FPR / TPR."""
+
+    threshold: float  # the summed-score threshold the model predicts with
+    thresholds: dict[str, Any]  # name -> summed value or per-level list, JSON-ready
+    metrics: dict[str, float]  # observed rates, MLflow-ready names
+
+
+def threshold_report(
+    model: GaussianAD,
+    levels: Sequence[int],
+    held: np.ndarray,
+    test: np.ndarray,
+    test_labels: np.ndarray,
+    target_fpr: float = 0.01,
+) -> ThresholdReport:
+    """Chi-square per-level thresholds (sigma 1-5, FPR 1%/0.1%) and empirical summed ones.
+
+    ``held`` and ``test`` are (n, L) level scores. Observed FPR is measured on held-out
+    normal training images (never seen by the fit), TPR on the anomalous test images.
+    The model predicts with the empirical threshold at ``target_fpr``.
+    """
+    anomalous = test[np.asarray(test_labels) == 1]
+    thresholds: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    rules = [(f"sigma{s}", sigma_to_fpr(s), {"sigma": s}) for s in SIGMAS]
+    rules += [(f"fpr{f:g}", f, {"fpr": f}) for f in TARGET_FPRS]
+    for name, predicted, rule in rules:
+        per_level = model.thresholds(**rule)
+        thresholds[f"chi2_{name}"] = [float(t) for t in per_level]
+        metrics[f"chi2_{name}_predicted_fpr"] = predicted
+        for column, label in enumerate(levels):
+            metrics[f"chi2_{name}_l{label}_observed_fpr"] = observed_rate(
+                held[:, column], per_level[column]
+            )
+            metrics[f"chi2_{name}_l{label}_tpr"] = observed_rate(
+                anomalous[:, column], per_level[column]
+            )
+    held_sum, anomalous_sum = held.sum(axis=1), anomalous.sum(axis=1)
+    for fpr in TARGET_FPRS:
+        value = empirical_threshold(held_sum, fpr)
+        thresholds[f"empirical_fpr{fpr:g}"] = value
+        metrics[f"empirical_fpr{fpr:g}_test_normal_fpr"] = observed_rate(
+            test.sum(axis=1)[np.asarray(test_labels) == 0], value
+        )
+        metrics[f"empirical_fpr{fpr:g}_tpr"] = observed_rate(anomalous_sum, value)
+    chosen = empirical_threshold(held_sum, target_fpr)
+    thresholds["chosen"] = chosen
+    return ThresholdReport(chosen, thresholds, metrics)
+
+
+@dataclass
+class ModelEvaluation:
+    """A fitted model on the test split and on held-out normal training images."""
+
+    auroc: float
+    auroc_levels: list[float]
+    labels: np.ndarray
+    scores: np.ndarray
+    level_scores: np.ndarray
+    heldout_scores: np.ndarray
+    thresholds: ThresholdReport
+
+
+def evaluate_model(
+    model: GaussianAD,
+    levels: Sequence[int],
+    heldout_levels: Sequence[np.ndarray],
+    test_levels: Sequence[np.ndarray],
+    test_labels: np.ndarray,
+    target_fpr: float = 0.01,
+) -> ModelEvaluation:
+    """Summed and per-level test AUROC, thresholds, and the model's calibrated threshold.
+
+    Sets ``model.threshold_`` to the empirical threshold at ``target_fpr``.
+    """
+    held = model.level_scores(heldout_levels)
+    level_scores = model.level_scores(test_levels)
+    labels = np.asarray(test_labels)
+    report = threshold_report(model, levels, held, level_scores, labels, target_fpr)
+    model.threshold_ = report.threshold
+    return ModelEvaluation(
+        auroc=auroc(labels, level_scores.sum(axis=1)),
+        auroc_levels=level_aurocs(labels, level_scores),
+        labels=labels,
+        scores=level_scores.sum(axis=1),
+        level_scores=level_scores,
+        heldout_scores=held.sum(axis=1),
+        thresholds=report,
+    )

@@ -18,6 +18,7 @@ import dask
 import numpy as np
 import zarr
 from dask.delayed import Delayed
+from distributed import get_worker, worker_client
 
 from gaussian_ad.augment import AugmentConfig, SeededAugment
 from gaussian_ad.backbones import Backbone
@@ -128,11 +129,14 @@ def _chunk_moments(
     url: str,
     level: int,
     rows: slice,
+    selected: np.ndarray | None,
     projection: tuple[np.ndarray, np.ndarray] | None,
 ) -> Moments:
-    """Statistics of one chunk's valid rows, optionally projected ((x - mean) V^T)."""
+    """Statistics of one chunk's valid (and selected) rows, optionally projected."""
     group = _open_group(url)
     valid = np.asarray(group["valid"][rows])
+    if selected is not None:
+        valid &= selected
     x = np.asarray(group["features"][str(level)][rows])[valid].astype(np.float64)
     if projection is not None:
         mean, components = projection
@@ -160,16 +164,45 @@ def tree_sum(parts: list[Delayed], split_every: int = 8) -> Delayed:
 def level_moments(
     store: FeatureStore,
     level: int,
+    selected: np.ndarray | None = None,
     projection: tuple[np.ndarray, np.ndarray] | None = None,
     split_every: int = 8,
 ) -> Delayed:
-    """Delayed statistics of a level over the store's complete shards, one partial per chunk."""
-    shards = store.complete_shards()
-    parts = [
-        dask.delayed(_chunk_moments)(store.url, level, store.shard_rows(s), projection)
-        for s in shards
-    ]
+    """Delayed statistics of a level over the complete shards, one partial per chunk.
+
+    ``selected`` is an optional (N,) bool mask of the rows to include (e.g. a fold).
+    """
+    parts = []
+    for shard in store.complete_shards():
+        rows = store.shard_rows(shard)
+        if selected is not None and not selected[rows].any():
+            continue
+        chunk_mask = None if selected is None else selected[rows]
+        parts.append(dask.delayed(_chunk_moments)(store.url, level, rows, chunk_mask, projection))
     return tree_sum(parts, split_every)
+
+
+def compute(*delayed: Delayed) -> tuple:
+    """Compute on the active scheduler; from inside a Dask task, via the worker's client.
+
+    ``worker_client`` secedes the calling task's thread while the graph runs, so a
+    task that launches a reduction on its own cluster cannot deadlock it.
+    """
+    try:
+        get_worker()
+    except ValueError:
+        return dask.compute(*delayed)
+    with worker_client() as client:
+        return tuple(client.compute(list(delayed), sync=True))
+
+
+def store_moments(
+    store: FeatureStore, selected: np.ndarray | None = None, split_every: int = 8
+) -> list[Moments]:
+    """Raw per-level statistics of the store's complete shards (optionally a row subset)."""
+    return list(
+        compute(*[level_moments(store, lv, selected, None, split_every) for lv in store.levels])
+    )
 
 
 def fit_store(
@@ -177,6 +210,7 @@ def fit_store(
     reduction: str | None = None,
     variance_threshold: float = 0.99,
     *,
+    selected: np.ndarray | None = None,
     allow_incomplete: bool = False,
     split_every: int = 8,
 ) -> GaussianAD:
@@ -192,13 +226,13 @@ def fit_store(
             f"(first: {pending[:5]}); finish the extraction or pass allow_incomplete=True"
         )
     model = GaussianAD(reduction, variance_threshold)
-    raw = list(dask.compute(*[level_moments(store, lv, None, split_every) for lv in store.levels]))
+    raw = store_moments(store, selected, split_every=split_every)
     model.fit_components(raw)
     if reduction is None:
         return model.fit_moments(raw)
-    projected = dask.compute(
+    projected = compute(
         *[
-            level_moments(store, lv, (mean, comp), split_every)
+            level_moments(store, lv, selected, (mean, comp), split_every)
             for lv, mean, comp in zip(
                 store.levels, model.pca_means_, model.components_, strict=True
             )

@@ -226,6 +226,17 @@ class FeatureStore:
             ]
         return table
 
+    def read_rows(self, level: int, rows: np.ndarray) -> np.ndarray:
+        """The features of the given row indices of a level, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.zeros((0, self.dims[self.levels.index(level)]), dtype=np.float32)
+        order = np.argsort(rows)
+        values = self.array(level).get_orthogonal_selection((rows[order], slice(None)))
+        out = np.empty_like(values)
+        out[order] = values
+        return out
+
     def read_level(self, level: int) -> np.ndarray:
         """All valid rows of a level in memory (small stores only)."""
         return np.asarray(self.array(level)[:])[self.valid()]

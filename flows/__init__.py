@@ -1,0 +1,1 @@
+"""Prefect flows: training, scoring and the nightly schedule."""

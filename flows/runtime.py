@@ -1,0 +1,79 @@
+"""Where flows run and record: work folder, MLflow URI, Dask cluster. Env vars or defaults.
+
+- ``GAUSSIAN_AD_HOME``: work folder for feature stores and the embedded MLflow
+  (default ``./.gaussian-ad``).
+- ``MLFLOW_TRACKING_URI``: default ``sqlite:///$GAUSSIAN_AD_HOME/mlflow.db`` with
+  artifacts in ``$GAUSSIAN_AD_HOME/mlartifacts``.
+- ``GAUSSIAN_AD_DASK_ADDRESS``: a Dask scheduler; default a local cluster per flow.
+- ``PREFECT_API_URL``: a Prefect server; default Prefect's ephemeral API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask
+from prefect.context import FlowRunContext
+from prefect_dask import DaskTaskRunner
+
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def work_dir(path: str | None = None) -> Path:
+    """The folder for stores and the embedded MLflow database."""
+    return Path(path or os.environ.get("GAUSSIAN_AD_HOME", ".gaussian-ad")).resolve()
+
+
+def tracking_uri(path: str | None = None) -> str:
+    """The MLflow tracking URI: $MLFLOW_TRACKING_URI or a SQLite file in the work folder."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    folder = work_dir(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def artifact_location(uri: str, path: str | None = None) -> str | None:
+    """Where new experiments keep artifacts: beside the embedded SQLite database."""
+    if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        return (work_dir(path) / "mlartifacts").as_uri()
+    return None
+
+
+def dask_runner(address: str | None = None) -> DaskTaskRunner:
+    """A DaskTaskRunner on ``address`` / $GAUSSIAN_AD_DASK_ADDRESS, else a local cluster.
+
+    The local cluster is one worker process with two threads on CPU (torch and the
+    decoding threads share the cores), one single-threaded worker per GPU on CUDA.
+    """
+    address = address or os.environ.get("GAUSSIAN_AD_DASK_ADDRESS")
+    if address:
+        return DaskTaskRunner(address=address)
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": max(gpus, 1),
+            "threads_per_worker": 1 if gpus else 2,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
+
+
+@contextlib.contextmanager
+def gpu_annotation() -> Iterator[None]:
+    """Ask for one ``GPU`` resource per task when the cluster's workers declare it."""
+    context = FlowRunContext.get()
+    runner = getattr(context, "task_runner", None) if context else None
+    client = getattr(runner, "client", None)
+    workers = client.scheduler_info(n_workers=-1)["workers"].values() if client else []
+    if any("GPU" in w.get("resources", {}) for w in workers):
+        with dask.annotate(resources={"GPU": 1}):
+            yield
+    else:
+        yield

@@ -1,0 +1,180 @@
+"""Training flows: manifest -> sharded extraction into Zarr -> Dask statistics -> fit ->
+evaluation -> MLflow run, registered version, challenger/champion aliases."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from prefect import flow
+
+from flows.runtime import artifact_location, dask_runner, gpu_annotation, tracking_uri, work_dir
+from gaussian_ad.backbones import BACKBONES, parse_levels
+from gaussian_ad.evaluation import holdout_split
+from gaussian_ad.images import ImageRecord, folder_manifest, mvtec_categories
+from gaussian_ad.registry import load_detector
+from tasks.extract import BackboneConfig, extract_shard_task, prepare_store
+from tasks.fit import evaluate, fit_statistics
+from tasks.manifest import build_manifest
+from tasks.register import register_model
+
+
+def _store_rows(
+    fit: list[ImageRecord], held: list[ImageRecord], test: list[ImageRecord], passes: int
+) -> tuple[list[ImageRecord], list[int], dict[str, np.ndarray]]:
+    """Store rows: fit images (once, or once per augmentation pass), held-out, test."""
+    fit_rows = fit * max(passes, 1)
+    fit_passes = [p for p in range(passes) for _ in fit] if passes else [-1] * len(fit)
+    records = fit_rows + held + test
+    passes_all = fit_passes + [-1] * (len(held) + len(test))
+    start_held, start_test = len(fit_rows), len(fit_rows) + len(held)
+    index = {
+        "fit": np.arange(start_held),
+        "held": np.arange(start_held, start_test),
+        "test": np.arange(start_test, len(records)),
+    }
+    return records, passes_all, index
+
+
+@flow(name="train", log_prints=True, task_runner=dask_runner())
+def train(
+    data_root: str,
+    category: str,
+    backbone: str = "lite0",
+    levels: str = "1-9",
+    reduction: str | None = None,
+    variance_threshold: float = 0.99,
+    augment_passes: int = 0,
+    seed: int = 0,
+    shard_size: int = 64,
+    target_fpr: float = 0.01,
+    promotion_tolerance: float = 0.0,
+    incremental_from: str | None = None,
+    new_images: str | None = None,
+    weights: str | None = None,
+    pretrained: bool = True,
+    device: str | None = None,
+    batch_size: int = 32,
+    workers: int = 2,
+    home: str | None = None,
+    experiment: str = "gaussian-ad",
+) -> dict[str, Any]:
+    """Train, evaluate and register the model of one MVTec-layout category.
+
+    The fit uses 4/5 of train/good (fold 0 of KFold(5, shuffle, seed)); the other
+    fifth calibrates thresholds. With ``incremental_from`` (a model URI, e.g.
+    ``models:/gaussian-ad-<category>@champion``) and ``new_images`` (a folder of new
+    normal images), the new images' statistics are merged into that model instead.
+    """
+    records, fingerprint = build_manifest(data_root, category)
+    train_good = [r for r in records if r.split == "train"]
+    test = [r for r in records if r.split == "test"]
+    fit_idx, held_idx = holdout_split(len(train_good), seed=seed)
+    fit_records = [train_good[i] for i in fit_idx]
+    held = [train_good[i] for i in held_idx]
+    base = None
+    if incremental_from:
+        if not new_images:
+            raise ValueError("incremental_from needs new_images (a folder of new normal images)")
+        champion = load_detector(incremental_from)
+        backbone, levels = champion.backbone, ",".join(map(str, champion.levels))
+        weights, pretrained = champion.weights, champion.pretrained
+        base = champion.fitted_model()
+        fit_records = [
+            ImageRecord(r.path, category, "train", 0, "good") for r in folder_manifest([new_images])
+        ]
+    config = BackboneConfig(
+        backbone,
+        parse_levels(levels, BACKBONES[backbone].n_levels),
+        weights,
+        pretrained,
+        device,
+        batch_size,
+        workers,
+    )
+    rows, passes, index = _store_rows(fit_records, held, test, augment_passes)
+    level_tag = "-".join(map(str, config.levels))
+    store_url = str(
+        work_dir(home)
+        / "stores"
+        / category
+        / f"{fingerprint[:16]}-{backbone}-L{level_tag}-aug{augment_passes}-seed{seed}"
+        f"{'-inc' if base is not None else ''}.zarr"
+    )
+    pending = prepare_store(store_url, rows, passes, config, shard_size, {"category": category})
+    print(f"[{category}] {len(rows)} rows, {len(pending)} shard(s) to extract -> {store_url}")
+    with gpu_annotation():
+        futures = [extract_shard_task.submit(store_url, s, config, seed) for s in pending]
+    shards = [f.result() for f in futures]
+    model = fit_statistics.submit(
+        store_url, index["fit"], reduction, variance_threshold, base
+    ).result()
+    model, evaluation = evaluate.submit(
+        store_url, model, list(config.levels), index["held"], index["test"], target_fpr
+    ).result()
+    uri = tracking_uri(home)
+    params = {
+        "category": category,
+        "augment_passes": augment_passes,
+        "seed": seed,
+        "n_train": model.n_samples_,
+        "n_heldout": len(held),
+        "n_test": len(test),
+        "data_fingerprint": fingerprint,
+        "target_fpr": target_fpr,
+        "incremental_from": incremental_from or "",
+    }
+    record = register_model.submit(
+        uri,
+        experiment,
+        artifact_location(uri, home),
+        store_url,
+        asdict(config),
+        model,
+        evaluation,
+        index["test"],
+        params,
+        category,
+        promotion_tolerance,
+    ).result()
+    print(
+        f"[{category}] AUROC {evaluation.auroc:.4f}; registered {record.name} v{record.version}"
+        f" ({'champion' if record.promoted else 'challenger'}): {record.reason}"
+    )
+    return {
+        "category": category,
+        "auroc": evaluation.auroc,
+        "auroc_levels": evaluation.auroc_levels,
+        "threshold": model.threshold_,
+        "name": record.name,
+        "version": record.version,
+        "promoted": record.promoted,
+        "reason": record.reason,
+        "run_id": record.run_id,
+        "store": store_url,
+        "shards": shards,
+    }
+
+
+@flow(name="train-all", log_prints=True)
+def train_all(
+    data_root: str,
+    categories: list[str] | None = None,
+    dask_address: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Train every category under ``data_root`` (or the given ones), each on Dask.
+
+    ``options`` are keyword arguments of :func:`train` (backbone, levels, ...).
+    """
+    names = categories or mvtec_categories(data_root)
+    if not names:
+        raise ValueError(f"{data_root}: no MVTec-layout categories found")
+    runner = dask_runner(dask_address)
+    results = [
+        train.with_options(task_runner=runner)(data_root, name, **(options or {})) for name in names
+    ]
+    for r in results:
+        print(f"{r['category']:<16} AUROC {r['auroc']:.4f}  {r['name']} v{r['version']}")
+    return results

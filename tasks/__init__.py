@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over the gaussian_ad library."""

@@ -1,0 +1,76 @@
+"""Tasks: plan the feature store, and extract one shard into it (the unit of fan-out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from prefect import task
+
+from gaussian_ad.backbones import Backbone, load_backbone
+from gaussian_ad.images import ImageRecord
+from gaussian_ad.outofcore import extract_shard
+from gaussian_ad.store import FeatureStore
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """What a worker needs to build the same backbone (hashable, cheap to ship)."""
+
+    name: str = "lite0"
+    levels: tuple[int, ...] | None = None
+    weights: str | None = None
+    pretrained: bool = True
+    device: str | None = None
+    batch_size: int = 32
+    workers: int = 2
+
+
+@lru_cache(maxsize=2)
+def worker_backbone(config: BackboneConfig) -> Backbone:
+    """The backbone, loaded once per worker process and reused by every shard."""
+    return load_backbone(
+        config.name,
+        config.levels,
+        weights=config.weights,
+        pretrained=config.pretrained,
+        device=config.device,
+    )
+
+
+@task(name="prepare-store", retries=2, retry_delay_seconds=2)
+def prepare_store(
+    url: str,
+    records: list[ImageRecord],
+    augment_passes: list[int],
+    backbone: BackboneConfig,
+    shard_size: int,
+    config: dict[str, Any],
+) -> list[int]:
+    """Create or reopen the store; returns the shards still to extract."""
+    model = worker_backbone(backbone)
+    store = FeatureStore.create(
+        url,
+        records,
+        model.levels,
+        model.level_dims,
+        shard_size=shard_size,
+        augment_passes=augment_passes,
+        config={"backbone": backbone.name, **config},
+    )
+    return store.pending_shards()
+
+
+@task(name="extract-shard", retries=2, retry_delay_seconds=5)
+def extract_shard_task(url: str, shard: int, backbone: BackboneConfig, seed: int) -> dict:
+    """Extract one shard; returns its info (rows, errors, host, pid, seconds, skipped)."""
+    return extract_shard(
+        FeatureStore.open(url),
+        shard,
+        worker_backbone(backbone),
+        batch_size=backbone.batch_size,
+        workers=backbone.workers,
+        device=backbone.device,
+        seed=seed,
+    )
