@@ -17,10 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/gaussian-ad synth demo/data
-	$(BIN)/gaussian-ad evaluate demo/data --json demo/evaluation.json
-	$(BIN)/gaussian-ad fit demo/data --category disc --out demo/disc.safetensors
-	$(BIN)/gaussian-ad score demo/disc.safetensors demo/data/disc/test/good demo/data/disc/test/hole
+	$(BIN)/gaussian-ad demo demo
 
 lint: venv
 	$(BIN)/ruff check .

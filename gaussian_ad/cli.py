@@ -75,11 +75,60 @@ def synth(
 
 
 @app.command()
-def fit(
+def extract(
     data_root: Path,
-    out: Annotated[Path, typer.Option(help="model file to write (.safetensors)")],
+    category: Annotated[str, typer.Option(help="MVTec category whose train/good to extract")],
+    store: Annotated[str, typer.Option(help="feature store path or fsspec URL (Zarr v3)")],
+    augment_passes: Annotated[int, typer.Option(help="K random augmentation passes")] = 0,
+    seed: Annotated[int, typer.Option(help="augmentation seed")] = 0,
+    shard_size: Annotated[int, typer.Option(help="images per shard (and Zarr chunk)")] = 256,
+    backbone: BackboneOpt = "lite0",
+    levels: LevelsOpt = "1-9",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Extract train/good features into a Zarr store; resumes an interrupted extraction."""
+    from tqdm.auto import tqdm
+
+    from gaussian_ad.backbones import load_backbone
+    from gaussian_ad.images import mvtec_manifest
+    from gaussian_ad.outofcore import create_store, extract_shard
+
+    records = mvtec_manifest(data_root, category, splits=("train",))
+    model = load_backbone(backbone, levels, weights=weights, device=device)
+    feature_store = create_store(
+        store, records, model, shard_size=shard_size, augment_passes=augment_passes
+    )
+    pending = feature_store.pending_shards()
+    typer.echo(
+        f"{feature_store.n_rows} rows in {feature_store.n_shards} shards; {len(pending)} to go"
+    )
+    for shard in tqdm(pending, desc="shards"):
+        extract_shard(
+            feature_store,
+            shard,
+            model,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            seed=seed,
+        )
+    _report_errors(feature_store.errors())
+
+
+@app.command()
+def fit(
+    data_root: Annotated[Path | None, typer.Argument(help="images to fit on")] = None,
+    out: Annotated[Path, typer.Option(help="model file to write (.safetensors)")] = Path(
+        "model.safetensors"
+    ),
     category: Annotated[
         str | None, typer.Option(help="MVTec category; without it DATA_ROOT is a folder of normals")
+    ] = None,
+    store: Annotated[
+        str | None, typer.Option(help="fit out-of-core from this feature store instead")
     ] = None,
     backbone: BackboneOpt = "lite0",
     levels: LevelsOpt = "1-9",
@@ -90,18 +139,31 @@ def fit(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
 ) -> None:
-    """Fit on normal images (MVTec train/good of CATEGORY, or every image under DATA_ROOT)."""
+    """Fit on normal images (MVTec train/good of CATEGORY, a folder, or a feature store)."""
     from gaussian_ad.images import folder_manifest, mvtec_manifest
 
-    if category:
-        paths = [r.path for r in mvtec_manifest(data_root, category, splits=("train",))]
-    else:
-        paths = [r.path for r in folder_manifest([data_root])]
+    if (data_root is None) == (store is None):
+        raise typer.BadParameter("give DATA_ROOT or --store (not both)")
+    if store is not None:
+        from gaussian_ad.outofcore import fit_store
+        from gaussian_ad.store import FeatureStore
+
+        feature_store = FeatureStore.open(store)
+        backbone = feature_store.config.get("backbone", backbone)
+        levels = ",".join(map(str, feature_store.levels))
     detector = _detector(
         backbone, levels, reduction, variance_threshold, weights, device, batch_size, workers
     )
-    detector.fit(paths, progress=True)
-    _report_errors(detector.errors_)
+    if store is not None:
+        detector.model_ = fit_store(feature_store, detector.reduction, variance_threshold)
+        _report_errors(feature_store.errors())
+    else:
+        if category:
+            paths = [r.path for r in mvtec_manifest(data_root, category, splits=("train",))]
+        else:
+            paths = [r.path for r in folder_manifest([data_root])]
+        detector.fit(paths, progress=True)
+        _report_errors(detector.errors_)
     detector.save(out)
     model = detector.fitted_model()
     typer.echo(
@@ -183,6 +245,80 @@ def evaluate(
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
         typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+def train(
+    data_root: Path,
+    category: Annotated[list[str] | None, typer.Option(help="categories (default: all)")] = None,
+    backbone: BackboneOpt = "lite0",
+    levels: LevelsOpt = "1-9",
+    reduction: ReductionOpt = "none",
+    augment_passes: Annotated[int, typer.Option(help="K random augmentation passes")] = 0,
+    dask_address: Annotated[
+        str | None, typer.Option(envvar="GAUSSIAN_AD_DASK_ADDRESS", help="Dask scheduler")
+    ] = None,
+) -> None:
+    """Run the training flow per category: extract, fit, evaluate, register in MLflow."""
+    from flows.train import train_all
+
+    options = {
+        "backbone": backbone,
+        "levels": levels,
+        "reduction": None if reduction.lower() == "none" else reduction.lower(),
+        "augment_passes": augment_passes,
+    }
+    train_all(str(data_root), category or None, dask_address, options)
+
+
+@app.command("score-archive")
+def score_archive(
+    source: Annotated[str, typer.Argument(help="folder, glob, tar/zip archive or fsspec URL")],
+    out: Annotated[Path, typer.Option(help="output folder (Parquet parts)")],
+    model: Annotated[str | None, typer.Option(help="model URI, e.g. models:/NAME@champion")] = None,
+    category: Annotated[
+        str | None, typer.Option(help="use models:/gaussian-ad-CATEGORY@champion")
+    ] = None,
+    shard_size: Annotated[int, typer.Option(help="images per shard")] = 256,
+) -> None:
+    """Run the scoring flow over an archive; a rerun skips finished shards."""
+    from flows.score import score as score_flow
+
+    score_flow(source, model=model, category=category, out=str(out), shard_size=shard_size)
+
+
+@app.command()
+def serve(
+    data_root: Annotated[str, typer.Argument(help="MVTec-layout data the nightly runs train on")],
+    category: Annotated[list[str] | None, typer.Option(help="categories (default: all)")] = None,
+    cron: Annotated[str, typer.Option(help="nightly retraining schedule")] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option(help="time zone of the schedule")] = "UTC",
+    dask_address: Annotated[
+        str | None, typer.Option(envvar="GAUSSIAN_AD_DASK_ADDRESS", help="Dask scheduler")
+    ] = None,
+) -> None:
+    """Serve the nightly retraining and on-demand scoring deployments from this process."""
+    from flows.nightly import serve_deployments
+
+    serve_deployments(
+        data_root,
+        categories=category or None,
+        cron=cron,
+        timezone=timezone,
+        dask_address=dask_address,
+    )
+
+
+@app.command()
+def demo(out_dir: Annotated[Path, typer.Argument(help="where the demo writes")] = Path("demo")):
+    """Synthetic data -> train_all -> registry -> score a tar archive, on embedded services."""
+    home = out_dir.resolve() / ".gaussian-ad"
+    os.environ.setdefault("GAUSSIAN_AD_HOME", str(home))
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from flows.demo import run_demo
+
+    run_demo(out_dir)
 
 
 if __name__ == "__main__":
