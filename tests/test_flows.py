@@ -1,0 +1,148 @@
+"""The Prefect flows against a real mlflow server, under Prefect's test harness."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from gaussian_ad.detector import Detector
+from gaussian_ad.images import mvtec_manifest
+from gaussian_ad.registry import load_detector
+
+CATEGORY = "disc"
+NAME = f"gaussian-ad-{CATEGORY}"
+
+
+@pytest.fixture(scope="module")
+def trained(small_dataset, prefect_harness, mlflow_uri, tmp_path_factory) -> dict:
+    """One training flow run of the disc category."""
+    from flows.train import train
+
+    home = tmp_path_factory.mktemp("home")
+    result = train(str(small_dataset), CATEGORY, shard_size=16, home=str(home))
+    return {**result, "home": str(home)}
+
+
+def test_training_registers_a_tagged_champion(trained, mlflow_uri):
+    client = MlflowClient(mlflow_uri)
+    version = client.get_model_version_by_alias(NAME, "champion")
+    assert version.version == trained["version"]
+    assert client.get_model_version_by_alias(NAME, "challenger").version == trained["version"]
+    tags = version.tags
+    for key in ("auroc", "threshold", "thresholds", "backbone", "levels", "n_train"):
+        assert tags[key], key
+    assert float(tags["auroc"]) == pytest.approx(trained["auroc"], abs=1e-6)
+    assert float(tags["auroc"]) >= 0.9
+    assert tags["backbone"] == "lite0"
+    assert tags["levels"] == "1,2,3,4,5,6,7,8,9"
+    assert int(tags["n_train"]) == 20  # 4/5 of 25 train/good images
+    assert len(tags["data_fingerprint"]) >= 16
+    thresholds = json.loads(tags["thresholds"])
+    assert len(thresholds["chi2_sigma3"]) == 9
+    assert float(tags["threshold"]) == pytest.approx(thresholds["chosen"])
+    run = client.get_run(trained["run_id"])
+    assert run.data.metrics["auroc"] == pytest.approx(trained["auroc"])
+    assert "auroc_l9" in run.data.metrics
+    assert "chi2_sigma3_l9_observed_fpr" in run.data.metrics
+    assert run.data.params["data_fingerprint"] == tags["data_fingerprint"]
+    artifacts = {a.path for a in client.list_artifacts(trained["run_id"])}
+    assert {"report.html", "thresholds.json"} <= artifacts
+    # Extraction shards ran on the Dask worker processes, not in the flow process.
+    assert trained["shards"] and all(s["pid"] != 0 for s in trained["shards"])
+
+
+def test_pyfunc_champion_scores_like_the_detector(trained, small_dataset, mlflow_uri):
+    paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("test",))][:6]
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    table = pyfunc.predict(pd.DataFrame({"path": paths}))
+    detector = load_detector(f"models:/{NAME}@champion")
+    direct = detector.score(paths)
+    np.testing.assert_allclose(table["score"].to_numpy(), direct.scores, rtol=1e-6)
+    np.testing.assert_allclose(table["score_l7"].to_numpy(), direct.level_scores[:, 6], rtol=1e-6)
+    assert table["is_anomaly"].tolist() == direct.is_anomaly.tolist()
+    assert isinstance(detector, Detector) and detector.fitted_model().threshold_ is not None
+
+
+def test_worse_model_does_not_take_champion(trained, small_dataset, tmp_path, mlflow_uri):
+    from flows.train import train
+
+    # Mislabeled training set: the test anomalies are copied into train/good.
+    bad_root = tmp_path / "mislabeled"
+    shutil.copytree(small_dataset / CATEGORY, bad_root / CATEGORY)
+    good = bad_root / CATEGORY / "train" / "good"
+    for record in mvtec_manifest(small_dataset, CATEGORY, splits=("test",)):
+        if record.label == 1:
+            for copy in range(3):
+                shutil.copy(record.path, good / f"bad_{record.defect}_{copy}_{Path(record.path).name}")
+    result = train(str(bad_root), CATEGORY, shard_size=32, home=trained["home"])
+    client = MlflowClient(mlflow_uri)
+    assert not result["promoted"]
+    assert result["auroc"] < trained["auroc"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == trained["version"]
+    assert client.get_model_version_by_alias(NAME, "challenger").version == result["version"]
+    assert "champion kept" in client.get_run(result["run_id"]).data.tags["promotion_reason"]
+
+
+@pytest.fixture
+def archive(small_dataset, tmp_path) -> tuple[Path, int]:
+    """A tar of the disc test images plus a corrupt member and a path-traversal member."""
+    path = tmp_path / "batch.tar"
+    records = mvtec_manifest(small_dataset, CATEGORY, splits=("test",))
+    with tarfile.open(path, "w") as tar:
+        for r in records:
+            tar.add(r.path, arcname=f"{r.defect}/{Path(r.path).name}")
+        for name, data in [("broken/corrupt.png", b"\x89PNG\r\n\x1a\nnope"), ("../evil.png", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path, len(records)
+
+
+def test_scoring_flow_resumes_with_each_image_once(trained, archive, tmp_path):
+    from flows.score import score
+
+    path, n_images = archive
+    out = tmp_path / "scores"
+    summary = score(str(path), category=CATEGORY, out=str(out), shard_size=5, home=trained["home"])
+    assert summary["scored"] == n_images
+    parts = sorted((out / "scores").glob("part-*.parquet"))
+    assert len(parts) == summary["shards"] == -(-(n_images + 1) // 5)
+    table = pd.concat(pd.read_parquet(p) for p in parts)
+    assert table["path"].is_unique and len(table) == n_images
+    assert set(table["model_version"]) == {trained["version"]}
+    errors = pd.concat(pd.read_parquet(p) for p in (out / "errors").glob("*.parquet"))
+    reasons = dict(zip(errors["path"].str.rsplit("!", n=1).str[-1], errors["reason"], strict=True))
+    assert "corrupt" in reasons["broken/corrupt.png"] or "not an image" in reasons[
+        "broken/corrupt.png"
+    ]
+    assert "traversal" in reasons["../evil.png"]
+
+    # Interrupted job: two shards' outputs are gone (never written), a stale temp is left.
+    for part in parts[1:3]:
+        part.unlink()
+    (out / "scores" / ".part-00001.parquet.123.tmp").write_bytes(b"partial")
+    rerun = score(str(path), category=CATEGORY, out=str(out), shard_size=5, home=trained["home"])
+    assert rerun["shards_run"] == 2
+    table = pd.concat(pd.read_parquet(p) for p in sorted((out / "scores").glob("part-*.parquet")))
+    assert len(table) == n_images and table["path"].is_unique
+
+
+def test_nightly_deployment_has_the_configured_cron(small_dataset):
+    from flows.nightly import deployments
+
+    made = deployments(str(small_dataset), categories=["disc", "weave"], cron="30 1 * * *")
+    nightly = {d.name: d for d in made if d.name.startswith("nightly-")}
+    assert set(nightly) == {"nightly-disc", "nightly-weave"}
+    schedule = nightly["nightly-disc"].schedules[0].schedule
+    assert schedule.cron == "30 1 * * *"
+    assert nightly["nightly-disc"].parameters["categories"] == ["disc"]
+    assert any(d.name == "score-archive" for d in made)
