@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,7 @@ def dask_runner(address: str | None = None) -> DaskTaskRunner:
             "threads_per_worker": 1 if gpus else 2,
             "processes": True,
             "dashboard_address": None,
+            "silence_logs": logging.WARNING,
         }
     )
 

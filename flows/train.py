@@ -3,7 +3,6 @@ evaluation -> MLflow run, registered version, challenger/champion aliases."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -130,7 +129,7 @@ def train(
         experiment,
         artifact_location(uri, home),
         store_url,
-        asdict(config),
+        config,
         model,
         evaluation,
         index["test"],

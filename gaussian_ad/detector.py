@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -88,16 +88,16 @@ class Detector:
     def features(
         self,
         sources: Sequence[ImageSource],
-        transform: Callable | None = None,
+        names: Sequence[str] | None = None,
         progress: bool = False,
     ) -> Features:
-        """Pooled features of the chosen levels for ``sources``."""
+        """Pooled features of the chosen levels for ``sources`` (``names`` label errors)."""
         return extract(
             self.backbone_module(),
             sources,
             batch_size=self.batch_size,
             workers=self.workers,
-            transform=transform,
+            names=names,
             device=self.device,
             progress=progress,
         )
@@ -119,9 +119,14 @@ class Detector:
         self.model_ = GaussianAD(self.reduction, self.variance_threshold).fit(levels)
         return self
 
-    def score(self, sources: Sequence[ImageSource], progress: bool = False) -> Scores:
+    def score(
+        self,
+        sources: Sequence[ImageSource],
+        names: Sequence[str] | None = None,
+        progress: bool = False,
+    ) -> Scores:
         """Score images; unreadable ones become error records, the rest go on."""
-        features = self.features(sources, progress=progress)
+        features = self.features(sources, names, progress=progress)
         return self.score_features(features.levels, features.index, features.errors)
 
     def score_features(

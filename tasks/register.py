@@ -15,6 +15,7 @@ from gaussian_ad.metrics import auroc
 from gaussian_ad.registry import TrainingRecord, ensure_experiment, record_training
 from gaussian_ad.report import ReportData
 from gaussian_ad.store import FeatureStore
+from tasks.extract import BackboneConfig
 
 SAME_FEATURES = ("backbone", "levels", "weights", "pretrained")
 
@@ -25,7 +26,7 @@ def register_model(
     experiment: str,
     artifact_location: str | None,
     url: str,
-    detector_config: dict[str, Any],
+    backbone: BackboneConfig,
     model: GaussianAD,
     evaluation: ModelEvaluation,
     test_rows: np.ndarray,
@@ -37,7 +38,17 @@ def register_model(
     mlflow.set_tracking_uri(tracking_uri)
     experiment_id = ensure_experiment(experiment, artifact_location)
     store = FeatureStore.open(url)
-    detector = Detector(**{k: detector_config[k] for k in SAME_FEATURES}, **_reduction(model))
+    detector = Detector(
+        backbone.name,
+        backbone.levels,
+        model.reduction,
+        model.variance_threshold,
+        backbone.weights,
+        backbone.pretrained,
+        backbone.batch_size,
+        backbone.workers,
+        backbone.device,
+    )
     detector.model_ = model
     test = store.manifest.iloc[test_rows]
     labels = test["label"].to_numpy()
@@ -70,7 +81,3 @@ def register_model(
     return record_training(
         detector, evaluation, report, params, category, champion_auroc, tolerance, experiment_id
     )
-
-
-def _reduction(model: GaussianAD) -> dict[str, Any]:
-    return {"reduction": model.reduction, "variance_threshold": model.variance_threshold}

