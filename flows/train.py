@@ -3,6 +3,7 @@ evaluation -> MLflow run, registered version, challenger/champion aliases."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import numpy as np
@@ -72,14 +73,18 @@ def train(
     fit_idx, held_idx = holdout_split(len(train_good), seed=seed)
     fit_records = [train_good[i] for i in fit_idx]
     held = [train_good[i] for i in held_idx]
-    base = None
+    models = work_dir(home) / "models" / category
+    base_path = None
     if incremental_from:
         if not new_images:
             raise ValueError("incremental_from needs new_images (a folder of new normal images)")
         champion = load_detector(incremental_from)
         backbone, levels = champion.backbone, ",".join(map(str, champion.levels))
         weights, pretrained = champion.weights, champion.pretrained
-        base = champion.fitted_model()
+        base_path = str(
+            work_dir(home) / "models" / category / f"base-{uuid.uuid4().hex}.safetensors"
+        )
+        champion.fitted_model().save(base_path)
         fit_records = [
             ImageRecord(r.path, category, "train", 0, "good") for r in folder_manifest([new_images])
         ]
@@ -99,25 +104,25 @@ def train(
         / "stores"
         / category
         / f"{fingerprint[:16]}-{backbone}-L{level_tag}-aug{augment_passes}-seed{seed}"
-        f"{'-inc' if base is not None else ''}.zarr"
+        f"{'-inc' if base_path else ''}.zarr"
     )
     pending = prepare_store(store_url, rows, passes, config, shard_size, {"category": category})
     print(f"[{category}] {len(rows)} rows, {len(pending)} shard(s) to extract -> {store_url}")
     with gpu_annotation():
         futures = [extract_shard_task.submit(store_url, s, config, seed) for s in pending]
     shards = [f.result() for f in futures]
-    model = fit_statistics.submit(
-        store_url, index["fit"], reduction, variance_threshold, base
+    model_path = str(models / f"{uuid.uuid4().hex}.safetensors")
+    fit_statistics.submit(
+        store_url, index["fit"], reduction, variance_threshold, model_path, base_path
     ).result()
-    model, evaluation = evaluate.submit(
-        store_url, model, list(config.levels), index["held"], index["test"], target_fpr
+    evaluation = evaluate.submit(
+        store_url, model_path, list(config.levels), index["held"], index["test"], target_fpr
     ).result()
     uri = tracking_uri(home)
     params = {
         "category": category,
         "augment_passes": augment_passes,
         "seed": seed,
-        "n_train": model.n_samples_,
         "n_heldout": len(held),
         "n_test": len(test),
         "data_fingerprint": fingerprint,
@@ -130,7 +135,7 @@ def train(
         artifact_location(uri, home),
         store_url,
         config,
-        model,
+        model_path,
         evaluation,
         index["test"],
         params,
@@ -145,7 +150,7 @@ def train(
         "category": category,
         "auroc": evaluation.auroc,
         "auroc_levels": evaluation.auroc_levels,
-        "threshold": model.threshold_,
+        "threshold": evaluation.thresholds.threshold,
         "name": record.name,
         "version": record.version,
         "promoted": record.promoted,

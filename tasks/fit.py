@@ -17,34 +17,41 @@ def fit_statistics(
     fit_rows: np.ndarray,
     reduction: str | None,
     variance_threshold: float,
-    base: GaussianAD | None = None,
-) -> GaussianAD:
-    """Per-level statistics of ``fit_rows`` reduced on Dask, then the Gaussian fit.
+    model_path: str,
+    base_path: str | None = None,
+) -> str:
+    """Per-level statistics of ``fit_rows`` reduced on Dask, the Gaussian fit, saved.
 
-    With ``base`` (a fitted model without reduction), the new statistics are merged
-    into it instead: the incremental retraining path.
+    With ``base_path`` (a fitted model without reduction), the new statistics are
+    merged into that model instead: the incremental retraining path. Models travel
+    between tasks as files, not inside the task graph.
     """
     store = FeatureStore.open(url)
     selected = np.zeros(store.n_rows, dtype=bool)
     selected[fit_rows] = True
-    if base is None:
-        return fit_store(store, reduction, variance_threshold, selected=selected)
-    return base.merge_moments(store_moments(store, selected))
+    if base_path is None:
+        model = fit_store(store, reduction, variance_threshold, selected=selected)
+    else:
+        model = GaussianAD.load(base_path).merge_moments(store_moments(store, selected))
+    model.save(model_path)
+    return model_path
 
 
 @task(name="evaluate", retries=1)
 def evaluate(
     url: str,
-    model: GaussianAD,
+    model_path: str,
     levels: list[int],
     heldout_rows: np.ndarray,
     test_rows: np.ndarray,
     target_fpr: float,
-) -> tuple[GaussianAD, ModelEvaluation]:
-    """Test AUROCs and thresholds; returns the model calibrated at ``target_fpr``."""
+) -> ModelEvaluation:
+    """Test AUROCs and thresholds; the saved model is calibrated at ``target_fpr``."""
+    model = GaussianAD.load(model_path)
     store = FeatureStore.open(url)
     held = [store.read_rows(level, heldout_rows) for level in store.levels]
     test = [store.read_rows(level, test_rows) for level in store.levels]
     labels = store.manifest["label"].to_numpy()[test_rows]
     evaluation = evaluate_model(model, levels, held, test, labels, target_fpr)
-    return model, evaluation
+    model.save(model_path)
+    return evaluation

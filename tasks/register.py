@@ -27,7 +27,7 @@ def register_model(
     artifact_location: str | None,
     url: str,
     backbone: BackboneConfig,
-    model: GaussianAD,
+    model_path: str,
     evaluation: ModelEvaluation,
     test_rows: np.ndarray,
     params: dict[str, Any],
@@ -38,6 +38,8 @@ def register_model(
     mlflow.set_tracking_uri(tracking_uri)
     experiment_id = ensure_experiment(experiment, artifact_location)
     store = FeatureStore.open(url)
+    model = GaussianAD.load(model_path)
+    params = {**params, "n_train": model.n_samples_}
     detector = Detector(
         backbone.name,
         backbone.levels,
