@@ -1,0 +1,127 @@
+"""Scoring throughput: the scoring flow against a bare loop over the same archive.
+
+Run: .venv/bin/python bench/score.py [--n 2000] [--shard-size 256] [--workdir DIR]
+
+Both sides decode and score the same tar archive with the same batch size and
+decoding threads; the bare loop is one process reading the archive and calling
+Detector.score. The flow adds Prefect (ephemeral API), a local Dask cluster,
+sharding, a model load per worker and atomic Parquet writes. Per-flow overhead
+is measured on a 10-image archive: flow wall time minus bare-loop time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+from machine import machine_summary  # noqa: E402
+
+from gaussian_ad.detector import Detector  # noqa: E402
+from gaussian_ad.images import mvtec_manifest  # noqa: E402
+from gaussian_ad.sources import list_source, read_items  # noqa: E402
+from gaussian_ad.synthetic import make_dataset  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="images in the archive")
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="decoding threads")
+    parser.add_argument("--workdir", type=Path, default=None)
+    return parser.parse_args()
+
+
+def make_archive(workdir: Path, n: int) -> tuple[Path, Path]:
+    """A synthetic dataset with n train images, its tar, and a model file fitted on 50."""
+    root = workdir / "data"
+    if not root.exists():
+        make_dataset(root, categories=("weave",), n_train=n, n_test_good=2, n_test_per_defect=1)
+    records = mvtec_manifest(root, "weave", splits=("train",))
+    archive = workdir / f"weave-{n}.tar"
+    if not archive.exists():
+        with tarfile.open(archive, "w") as tar:
+            for r in records:
+                tar.add(r.path, arcname=Path(r.path).name)
+    model = workdir / "model.safetensors"
+    if not model.exists():
+        Detector().fit([r.path for r in records[:50]]).save(model)
+    return archive, model
+
+
+def small_archive(archive: Path, n: int) -> Path:
+    """The first n members of an archive, as another archive."""
+    small = archive.with_name(f"small-{n}.tar")
+    with tarfile.open(archive) as src, tarfile.open(small, "w") as dst:
+        for member in src.getmembers()[:n]:
+            dst.addfile(member, src.extractfile(member))
+    return small
+
+
+def bare_loop(archive: Path, model: Path, batch_size: int, workers: int) -> tuple[float, int]:
+    """Wall time and rows of: list, read, decode and score in one process."""
+    started = time.perf_counter()
+    detector = Detector.load(model, batch_size=batch_size, workers=workers)
+    items, _ = list_source(archive)
+    pairs = list(read_items(items))
+    result = detector.score([c for _, c in pairs], names=[i.name for i, _ in pairs])
+    return time.perf_counter() - started, len(result.scores)
+
+
+def flow_run(archive: Path, model: Path, out: Path, args: argparse.Namespace) -> tuple[float, int]:
+    """Wall time and rows of the scoring flow (fresh output folder)."""
+    from flows.score import score
+
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    summary = score(
+        str(archive),
+        model=str(model),
+        out=str(out),
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        home=str(out.parent / "home"),
+    )
+    return time.perf_counter() - started, summary["scored"]
+
+
+def main() -> None:
+    args = parse_args()
+    workdir = args.workdir or Path(tempfile.gettempdir()) / "gaussian-ad-bench-score"
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(machine_summary())
+    archive, model = make_archive(workdir, args.n)
+    tiny = small_archive(archive, 10)
+    print(
+        f"archive: {archive} ({args.n} PNG images), shard size {args.shard_size}, "
+        f"batch {args.batch_size}, {args.workers} decoding threads"
+    )
+
+    flow_run(tiny, model, workdir / "warmup", args)  # starts the ephemeral API once
+    bare_loop(tiny, model, args.batch_size, args.workers)  # warm caches
+    tiny_bare, _ = bare_loop(tiny, model, args.batch_size, args.workers)
+    tiny_flow, _ = flow_run(tiny, model, workdir / "tiny", args)
+    bare_s, bare_rows = bare_loop(archive, model, args.batch_size, args.workers)
+    flow_s, flow_rows = flow_run(archive, model, workdir / "out", args)
+    assert bare_rows == flow_rows == args.n, (bare_rows, flow_rows)
+
+    print(f"bare loop: {bare_s:7.1f} s  {bare_rows / bare_s:6.1f} images/s")
+    print(f"flow:      {flow_s:7.1f} s  {flow_rows / flow_s:6.1f} images/s")
+    print(f"ratio flow / bare (throughput): {bare_s / flow_s:.2f}")
+    print(
+        f"per-flow overhead (10 images): {tiny_flow - tiny_bare:.1f} s "
+        f"(flow {tiny_flow:.1f} s, bare {tiny_bare:.1f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
