@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 PYTHON_FOR_VENV ?= $(shell command -v python3.11 || command -v python3)
 
 export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
 .PHONY: demo test lint venv

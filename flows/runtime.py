@@ -20,8 +20,6 @@ import dask
 from prefect.context import FlowRunContext
 from prefect_dask import DaskTaskRunner
 
-os.environ.setdefault("DO_NOT_TRACK", "true")
-
 
 def work_dir(path: str | None = None) -> Path:
     """The folder for stores and the embedded MLflow database."""
@@ -61,7 +59,7 @@ def dask_runner(address: str | None = None) -> DaskTaskRunner:
             "n_workers": max(gpus, 1),
             "threads_per_worker": 1 if gpus else 2,
             "processes": True,
-            "dashboard_address": None,
+            "dashboard_address": ":0",
             "silence_logs": logging.WARNING,
         }
     )

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     help="Anomaly detection with a Gaussian on pretrained deep features (Rippel et al. 2020).",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ["DO_NOT_TRACK"] = "true"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 from pathlib import Path  # noqa: E402
