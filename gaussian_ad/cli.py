@@ -94,8 +94,8 @@ def extract(
     from tqdm.auto import tqdm
 
     from gaussian_ad.backbones import load_backbone
+    from gaussian_ad.extraction import create_store, extract_shard
     from gaussian_ad.images import mvtec_manifest
-    from gaussian_ad.outofcore import create_store, extract_shard
 
     records = mvtec_manifest(data_root, category, splits=("train",))
     model = load_backbone(backbone, levels, weights=weights, device=device)

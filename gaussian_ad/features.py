@@ -20,7 +20,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
 
@@ -88,17 +88,20 @@ class InputNormalizer:
         return x if on_cuda else x.contiguous()
 
 
+def autocast_for(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA (fp16 where the GPU lacks bf16); nothing (float32) on CPU."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
 def pooled_features(backbone: Backbone, x: torch.Tensor) -> list[np.ndarray]:
     """Run the backbone on a normalised batch: (B, d_l) float32 arrays per selected level.
 
     On CUDA under bf16 autocast (fp16 where the GPU lacks bf16); on CPU in float32.
     """
-    if x.device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        autocast = torch.autocast("cuda", dtype=dtype)
-    else:
-        autocast = nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast_for(x.device):
         pooled = backbone(x)
     return [p.float().cpu().numpy() for p in pooled]
 
@@ -155,6 +158,38 @@ def _resolve_device(backbone: Backbone, device: str | torch.device | None) -> to
     return target
 
 
+def iter_input_batches(
+    backbone: Backbone,
+    sources: Sequence[ImageSource],
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    transform: Transform | Sequence[Transform | None] | None = None,
+    names: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+) -> Iterator[tuple[np.ndarray, torch.Tensor | None, list[ImageError]]]:
+    """Stream (indices, normalised model input on the device, errors) per batch, in input order.
+
+    The input is None when no image of the batch decoded. Arguments as for
+    :func:`iter_feature_batches`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if names is not None and len(names) != len(sources):
+        raise ValueError(f"names: {len(names)} given for {len(sources)} sources")
+    target = _resolve_device(backbone, device)
+    normalize = InputNormalizer(backbone, target)
+    size = backbone.spec.image_size
+    for batch in _decode_batches(sources, size, batch_size, workers, transform, names):
+        decoded = [(i, item) for i, item in batch if isinstance(item, np.ndarray)]
+        errors = [item for _, item in batch if isinstance(item, ImageError)]
+        indices = np.array([i for i, _ in decoded], dtype=np.int64)
+        x = None
+        if decoded:
+            x = normalize(torch.from_numpy(np.stack([item for _, item in decoded])))
+        yield indices, x, errors
+
+
 def iter_feature_batches(
     backbone: Backbone,
     sources: Sequence[ImageSource],
@@ -174,22 +209,20 @@ def iter_feature_batches(
     ImageError records; the batch goes on without them. ``device`` defaults to the
     backbone's (the backbone is moved if another is given).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if names is not None and len(names) != len(sources):
-        raise ValueError(f"names: {len(names)} given for {len(sources)} sources")
-    target = _resolve_device(backbone, device)
-    normalize = InputNormalizer(backbone, target)
-    size = backbone.spec.image_size
-    for batch in _decode_batches(sources, size, batch_size, workers, transform, names):
-        decoded = [(i, item) for i, item in batch if isinstance(item, np.ndarray)]
-        errors = [item for _, item in batch if isinstance(item, ImageError)]
-        indices = np.array([i for i, _ in decoded], dtype=np.int64)
-        if decoded:
-            pixels = torch.from_numpy(np.stack([item for _, item in decoded]))
-            levels = pooled_features(backbone, normalize(pixels))
-        else:
+    batches = iter_input_batches(
+        backbone,
+        sources,
+        batch_size=batch_size,
+        workers=workers,
+        transform=transform,
+        names=names,
+        device=device,
+    )
+    for indices, x, errors in batches:
+        if x is None:
             levels = [np.empty((0, d), dtype=np.float32) for d in backbone.level_dims]
+        else:
+            levels = pooled_features(backbone, x)
         yield indices, levels, errors
 
 

@@ -1,10 +1,11 @@
-"""Evaluation metrics: image AUROC, per-level AUROC, mean +- SEM across categories."""
+"""Evaluation metrics: image and pixel AUROC, per-level AUROC, PRO, mean +- SEM."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.ndimage import label
 from sklearn.metrics import roc_auc_score
 
 
@@ -28,3 +29,67 @@ def mean_sem(values: Sequence[float]) -> tuple[float, float]:
         raise ValueError("mean +- SEM of no values")
     sem = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
     return float(v.mean()), sem
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
+    """AUROC over all pixels of all images: ``masks`` (n, H, W) binary, ``maps`` same shape.
+
+    Normal images have all-zero masks.
+    """
+    masks, maps = np.asarray(masks), np.asarray(maps)
+    if masks.shape != maps.shape:
+        raise ValueError(f"masks of shape {masks.shape} and maps of shape {maps.shape} differ")
+    return auroc(masks.ravel() > 0, maps.ravel())
+
+
+def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact per-region-overlap curve (FPR, PRO) over every threshold of ``maps``.
+
+    As the MVTec AD evaluation code: regions are the 8-connected components of each image's
+    mask; at a threshold t (anomalous: map >= t), PRO is the mean over all regions of the
+    fraction of the region above t and FPR the fraction of normal pixels above t. One
+    sort of all pixels gives every threshold; tied scores make one point.
+    """
+    masks, maps = np.asarray(masks) > 0, np.asarray(maps)
+    if masks.shape != maps.shape or masks.ndim != 3:
+        raise ValueError(f"expected (n, H, W) masks and maps, got {masks.shape}, {maps.shape}")
+    region_weight = np.zeros(masks.shape)
+    n_regions = 0
+    for image_mask, weights in zip(masks, region_weight, strict=True):
+        labels, count = label(image_mask, structure=np.ones((3, 3), dtype=int))
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        inverse_sizes = np.zeros(count + 1)
+        inverse_sizes[1:] = 1.0 / sizes[1:]
+        weights[...] = inverse_sizes[labels]
+        n_regions += count
+    normal = ~masks.ravel()
+    if n_regions == 0 or not normal.any():
+        raise ValueError("PRO needs at least one anomalous region and one normal pixel")
+    order = np.argsort(maps.ravel(), kind="stable")[::-1]
+    scores = maps.ravel()[order]
+    fpr = np.cumsum(normal[order]) / normal.sum()
+    pro = np.cumsum(region_weight.ravel()[order]) / n_regions
+    last_of_tie = np.append(scores[1:] != scores[:-1], True)
+    fpr = np.clip(fpr[last_of_tie], None, 1.0)
+    pro = np.clip(pro[last_of_tie], None, 1.0)
+    return np.concatenate([[0.0], fpr, [1.0]]), np.concatenate([[0.0], pro, [1.0]])
+
+
+def pro_auc(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
+    """Area under the PRO curve up to ``max_fpr``, divided by ``max_fpr`` (MVTec AD's AU-PRO).
+
+    The curve is integrated with the trapezoidal rule and cut at ``max_fpr`` by linear
+    interpolation, as the MVTec AD evaluation code does.
+    """
+    if not 0.0 < max_fpr <= 1.0:
+        raise ValueError(f"max_fpr must lie in (0, 1], got {max_fpr}")
+    fpr, pro = pro_curve(masks, maps)
+    inside = fpr <= max_fpr
+    x, y = fpr[inside], pro[inside]
+    area = float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))
+    if x[-1] < max_fpr:  # the next point lies beyond max_fpr: add the interpolated piece
+        after = int(np.argmax(~inside))
+        x0, y0, x1, y1 = fpr[after - 1], pro[after - 1], fpr[after], pro[after]
+        y_cut = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)
+        area += 0.5 * (y_cut + y0) * (max_fpr - x0)
+    return float(area / max_fpr)

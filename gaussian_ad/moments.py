@@ -13,6 +13,9 @@ The last two are what scikit-learn's Ledoit-Wolf shrinkage needs beyond the
 covariance: it uses sum_k ||x_k - mean||^4, which expands into these sums. Two
 partials with different shifts merge exactly after re-expressing one around the
 other's shift (a closed-form update), so partials can be reduced in any order.
+
+The closed forms are written over leading axes, so :class:`BatchMoments` applies the same
+math to many row sets at once (one per spatial position of a patch-level model).
 """
 
 from __future__ import annotations
@@ -69,23 +72,11 @@ class Moments:
     def reshifted(self, shift: np.ndarray) -> Moments:
         """The same statistics expressed around another shift (exact, closed form)."""
         shift = np.asarray(shift, dtype=np.float64)
-        delta = self.shift - shift  # y' = y + delta
-        n, sy, syy = self.n, self.sum_y, self.sum_yy
-        dd = float(delta @ delta)
-        s_sq = float(np.trace(syy))  # sum ||y||^2
-        d_sy = float(delta @ sy)
-        syy_d = syy @ delta
-        sum_yy = syy + np.outer(delta, sy) + np.outer(sy, delta) + n * np.outer(delta, delta)
-        sum_y2y = self.sum_y2y + 2.0 * syy_d + dd * sy + delta * (s_sq + 2.0 * d_sy + n * dd)
-        sum_y4 = (
-            self.sum_y4
-            + 4.0 * float(delta @ syy_d)
-            + n * dd * dd
-            + 4.0 * float(delta @ self.sum_y2y)
-            + 2.0 * dd * s_sq
-            + 4.0 * dd * d_sy
-        )
-        return Moments(n, shift, sy + n * delta, sum_yy, sum_y2y, sum_y4)
+        sums = reshift_sums(self.n, self.shift - shift, *self._sums())
+        return Moments(self.n, shift, sums[0], sums[1], sums[2], float(sums[3]))
+
+    def _sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        return self.sum_y, self.sum_yy, self.sum_y2y, self.sum_y4
 
     def __add__(self, other: Moments) -> Moments:
         """Statistics of the union of both row sets (associative, commutative)."""
@@ -125,24 +116,13 @@ class Moments:
     def covariance(self) -> np.ndarray:
         """Maximum-likelihood (biased, divide by n) covariance of the rows."""
         self._require_rows()
-        c = self.sum_y / self.n
-        return self.sum_yy / self.n - np.outer(c, c)
+        return covariance_from_sums(self.n, self.sum_y, self.sum_yy)
 
     @property
     def centred_fourth_moment(self) -> float:
         """sum_k ||x_k - mean||^4, expanded from the stored sums."""
         self._require_rows()
-        n, c = self.n, self.sum_y / self.n
-        cc = float(c @ c)
-        s_sq = float(np.trace(self.sum_yy))
-        return (
-            self.sum_y4
-            + 4.0 * float(c @ self.sum_yy @ c)
-            + n * cc * cc
-            - 4.0 * float(c @ self.sum_y2y)
-            + 2.0 * cc * s_sq
-            - 4.0 * cc * float(c @ self.sum_y)
-        )
+        return float(centred_fourth_moment_from_sums(self.n, *self._sums()))
 
     def _require_rows(self) -> None:
         if self.n == 0:
@@ -177,18 +157,242 @@ def ledoit_wolf(moments: Moments) -> tuple[np.ndarray, float]:
 
     Shrinkage target is mu * I with mu = trace(S) / d, S the biased empirical covariance.
     """
-    n, d = moments.n, moments.dim
-    emp_cov = moments.covariance
+    shrunk, shrinkage = shrink_ledoit_wolf(
+        moments.n, moments.covariance, moments.centred_fourth_moment
+    )
+    return shrunk, float(shrinkage)
+
+
+# ------------------------------------------------------------------------------------------
+# The closed forms, over any leading axes: vectors (..., d), matrices (..., d, d), scalars
+# (...). ``n`` is the row count shared by all sets.
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("...i,...i->...", a, b)
+
+
+def _outer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a[..., :, None] * b[..., None, :]
+
+
+def _matvec(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return (m @ v[..., None])[..., 0]
+
+
+def _trace(m: np.ndarray) -> np.ndarray:
+    return np.trace(m, axis1=-2, axis2=-1)
+
+
+def reshift_sums(
+    n: int,
+    delta: np.ndarray,
+    sum_y: np.ndarray,
+    sum_yy: np.ndarray,
+    sum_y2y: np.ndarray,
+    sum_y4: np.ndarray | float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The sums of y' = y + delta from the sums of y (exact): (sum_y, sum_yy, sum_y2y, sum_y4)."""
+    dd = _dot(delta, delta)
+    s_sq = _trace(sum_yy)  # sum ||y||^2
+    d_sy = _dot(delta, sum_y)
+    syy_d = _matvec(sum_yy, delta)
+    new_sum_yy = sum_yy + _outer(delta, sum_y) + _outer(sum_y, delta) + n * _outer(delta, delta)
+    new_sum_y2y = (
+        sum_y2y
+        + 2.0 * syy_d
+        + dd[..., None] * sum_y
+        + delta * (s_sq + 2.0 * d_sy + n * dd)[..., None]
+    )
+    new_sum_y4 = (
+        sum_y4
+        + 4.0 * _dot(delta, syy_d)
+        + n * dd * dd
+        + 4.0 * _dot(delta, sum_y2y)
+        + 2.0 * dd * s_sq
+        + 4.0 * dd * d_sy
+    )
+    return sum_y + n * delta, new_sum_yy, new_sum_y2y, new_sum_y4
+
+
+def covariance_from_sums(n: int, sum_y: np.ndarray, sum_yy: np.ndarray) -> np.ndarray:
+    """Maximum-likelihood (biased) covariance from the sums around any shift."""
+    c = sum_y / n
+    return sum_yy / n - _outer(c, c)
+
+
+def centred_fourth_moment_from_sums(
+    n: int,
+    sum_y: np.ndarray,
+    sum_yy: np.ndarray,
+    sum_y2y: np.ndarray,
+    sum_y4: np.ndarray | float,
+) -> np.ndarray:
+    """sum_k ||x_k - mean||^4, expanded from the sums around any shift."""
+    c = sum_y / n
+    cc = _dot(c, c)
+    return (
+        sum_y4
+        + 4.0 * _dot(c, _matvec(sum_yy, c))
+        + n * cc * cc
+        - 4.0 * _dot(c, sum_y2y)
+        + 2.0 * cc * _trace(sum_yy)
+        - 4.0 * cc * _dot(c, sum_y)
+    )
+
+
+def shrink_ledoit_wolf(
+    n: int, emp_cov: np.ndarray, centred_fourth: np.ndarray | float
+) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's Ledoit-Wolf shrinkage of biased covariances (..., d, d).
+
+    Returns the shrunk covariances and the shrinkages (...). One feature is not shrunk
+    (scikit-learn special-cases it).
+    """
+    d = emp_cov.shape[-1]
     if d == 1:
-        # scikit-learn special-cases one feature: no shrinkage.
-        return emp_cov, 0.0
-    trace = float(np.trace(emp_cov))
+        return emp_cov, np.zeros(emp_cov.shape[:-2])
+    trace = _trace(emp_cov)
     mu = trace / d
-    delta_ = float(np.sum(emp_cov * emp_cov))
-    beta = (moments.centred_fourth_moment / n - delta_) / (d * n)
+    delta_ = np.sum(emp_cov * emp_cov, axis=(-2, -1))
+    beta = (np.asarray(centred_fourth) / n - delta_) / (d * n)
     delta = (delta_ - 2.0 * mu * trace + d * mu**2) / d
-    beta = min(beta, delta)
-    shrinkage = 0.0 if beta == 0 else beta / delta
-    shrunk = (1.0 - shrinkage) * emp_cov
-    shrunk.flat[:: d + 1] += shrinkage * mu
+    beta = np.minimum(beta, delta)
+    shrinkage = np.divide(beta, delta, out=np.zeros_like(beta), where=beta != 0)
+    shrunk = (1.0 - shrinkage)[..., None, None] * emp_cov
+    diagonal = np.arange(d)
+    shrunk[..., diagonal, diagonal] += (shrinkage * mu)[..., None]
     return shrunk, shrinkage
+
+
+@dataclass(frozen=True)
+class BatchMoments:
+    """:class:`Moments` of P row sets at once, all with the same n rows (leading axis P).
+
+    A patch-level model keeps one set per spatial position: each image adds one row to
+    every set. Shapes: shift, sum_y, sum_y2y (P, d); sum_yy (P, d, d); sum_y4 (P,).
+    """
+
+    n: int
+    shift: np.ndarray
+    sum_y: np.ndarray
+    sum_yy: np.ndarray
+    sum_y2y: np.ndarray
+    sum_y4: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        """Number of feature dimensions."""
+        return self.shift.shape[-1]
+
+    @property
+    def n_sets(self) -> int:
+        """Number of row sets (positions)."""
+        return self.shift.shape[0]
+
+    @classmethod
+    def from_array(cls, x: np.ndarray, shift: np.ndarray | None = None) -> BatchMoments:
+        """Statistics of ``x`` (n, P, d): set p holds the rows x[:, p]; shift defaults to means."""
+        x = np.asarray(x)
+        if x.ndim != 3 or x.shape[0] == 0:
+            raise ValueError(f"expected a non-empty (n, P, d) array, got shape {x.shape}")
+        if shift is None:
+            shift = x.mean(axis=0, dtype=np.float64)
+        shift = np.asarray(shift, dtype=np.float64)
+        y = x.astype(np.float64).transpose(1, 0, 2) - shift[:, None, :]  # (P, n, d)
+        sq = np.einsum("pki,pki->pk", y, y)
+        return cls(
+            n=int(x.shape[0]),
+            shift=shift,
+            sum_y=y.sum(axis=1),
+            sum_yy=y.transpose(0, 2, 1) @ y,
+            sum_y2y=_matvec(y.transpose(0, 2, 1), sq),
+            sum_y4=np.einsum("pk,pk->p", sq, sq),
+        )
+
+    def __getitem__(self, position: int) -> Moments:
+        """The statistics of one set."""
+        return Moments(
+            self.n,
+            self.shift[position],
+            self.sum_y[position],
+            self.sum_yy[position],
+            self.sum_y2y[position],
+            float(self.sum_y4[position]),
+        )
+
+    def take(self, positions: slice | np.ndarray) -> BatchMoments:
+        """The statistics of some of the sets."""
+        return BatchMoments(self.n, *(getattr(self, name)[positions] for name in _BATCH_ARRAYS))
+
+    def _sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.sum_y, self.sum_yy, self.sum_y2y, self.sum_y4
+
+    def reshifted(self, shift: np.ndarray) -> BatchMoments:
+        """The same statistics expressed around other shifts (P, d) (exact, closed form)."""
+        shift = np.asarray(shift, dtype=np.float64)
+        if np.array_equal(shift, self.shift):
+            return self
+        return BatchMoments(self.n, shift, *reshift_sums(self.n, self.shift - shift, *self._sums()))
+
+    def __add__(self, other: BatchMoments) -> BatchMoments:
+        """Statistics of the unions of both partials' row sets, position by position."""
+        if not isinstance(other, BatchMoments):
+            return NotImplemented
+        if other.shift.shape != self.shift.shape:
+            raise ValueError(
+                f"cannot merge statistics of shapes {self.shift.shape} and {other.shift.shape}"
+            )
+        big, small = (self, other) if self.n >= other.n else (other, self)
+        small = small.reshifted(big.shift)
+        return BatchMoments(
+            big.n + small.n,
+            big.shift,
+            big.sum_y + small.sum_y,
+            big.sum_yy + small.sum_yy,
+            big.sum_y2y + small.sum_y2y,
+            big.sum_y4 + small.sum_y4,
+        )
+
+    def __radd__(self, other: object) -> BatchMoments:
+        """Allow ``sum(partials)`` (which starts from 0)."""
+        if other == 0:
+            return self
+        return NotImplemented
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean per set, (P, d)."""
+        return self.shift + self.sum_y / self.n
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """Maximum-likelihood (biased) covariance per set, (P, d, d)."""
+        return covariance_from_sums(self.n, self.sum_y, self.sum_yy)
+
+    @property
+    def centred_fourth_moment(self) -> np.ndarray:
+        """sum_k ||x_k - mean||^4 per set, (P,)."""
+        return centred_fourth_moment_from_sums(self.n, *self._sums())
+
+    def ledoit_wolf(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per set: scikit-learn's Ledoit-Wolf covariance (P, d, d) and shrinkage (P,)."""
+        return shrink_ledoit_wolf(self.n, self.covariance, self.centred_fourth_moment)
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """Flat arrays for saving (no pickle)."""
+        return {
+            f"{prefix}n": np.array([self.n], dtype=np.int64),
+            **{f"{prefix}{name}": getattr(self, name) for name in _BATCH_ARRAYS},
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "") -> BatchMoments:
+        """Inverse of :meth:`to_arrays`."""
+        return cls(
+            int(np.ravel(arrays[f"{prefix}n"])[0]),
+            *(np.asarray(arrays[f"{prefix}{name}"], dtype=np.float64) for name in _BATCH_ARRAYS),
+        )
+
+
+_BATCH_ARRAYS = ("shift", "sum_y", "sum_yy", "sum_y2y", "sum_y4")

@@ -1,18 +1,16 @@
-"""Out-of-core fitting: shard-by-shard extraction into a feature store, Dask statistics.
+"""Out-of-core fitting from a feature store: per-chunk statistics reduced with Dask.
 
-Memory never grows with the number of images: extraction holds one shard, and the
-fit reduces one chunk at a time into :class:`Moments` partials, tree-merged by Dask
-(locally or on a cluster, whichever scheduler is active when the fit is computed).
+Memory never grows with the number of images: each task reduces one chunk into a
+:class:`Moments` partial, and partials are folded along a few chains then merged
+in a tree, on whichever scheduler is active (local threads or a cluster). This
+module needs no torch: workers that only fit never import the backbone.
 """
 
 from __future__ import annotations
 
+import operator
 import os
-import socket
-import time
-from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
 
 import dask
 import numpy as np
@@ -20,104 +18,9 @@ import zarr
 from dask.delayed import Delayed
 from distributed import get_worker, worker_client
 
-from gaussian_ad.augment import AugmentConfig, SeededAugment
-from gaussian_ad.backbones import Backbone
-from gaussian_ad.features import extract, iter_feature_batches
 from gaussian_ad.gaussian import GaussianAD
-from gaussian_ad.images import ImageRecord, file_digest
 from gaussian_ad.moments import Moments
 from gaussian_ad.store import FeatureStore
-
-
-def create_store(
-    url: str,
-    records: Sequence[ImageRecord],
-    backbone: Backbone,
-    *,
-    shard_size: int = 256,
-    augment_passes: int = 0,
-    dtype: str = "float32",
-    config: dict[str, Any] | None = None,
-) -> FeatureStore:
-    """Create (or reopen, to resume) the store for ``records`` and the backbone's levels.
-
-    With ``augment_passes = K > 0`` the store has K rows per image, pass by pass.
-    """
-    records = list(records)
-    passes = None
-    if augment_passes > 0:
-        passes = [p for p in range(augment_passes) for _ in records]
-        records = records * augment_passes
-    return FeatureStore.create(
-        url,
-        records,
-        backbone.levels,
-        backbone.level_dims,
-        shard_size=shard_size,
-        augment_passes=passes,
-        dtype=dtype,
-        config={"backbone": backbone.spec.name, **(config or {})},
-    )
-
-
-def extract_shard(
-    store: FeatureStore,
-    shard: int,
-    backbone: Backbone,
-    *,
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Extract one shard into the store (skipped if already complete); returns its info.
-
-    Rows with an augmentation pass get a :class:`SeededAugment` fixed by (seed, row),
-    so re-extracting a shard reproduces it exactly.
-    """
-    if shard in store.complete_shards():
-        return {**store.shard_marker(shard)["info"], "skipped": True}
-    started = time.perf_counter()
-    rows = store.shard_rows(shard)
-    manifest = store.shard_manifest(shard)
-    paths = manifest["path"].tolist()
-    transforms = [
-        SeededAugment(AugmentConfig.for_category(category), seed, row) if p >= 0 else None
-        for row, category, p in zip(
-            range(rows.start, rows.stop),
-            manifest["category"],
-            manifest["augment_pass"],
-            strict=True,
-        )
-    ]
-    features = extract(
-        backbone,
-        paths,
-        batch_size=batch_size,
-        workers=workers,
-        transform=transforms,
-        device=device,
-    )
-    n = len(paths)
-    levels = []
-    for x in features.levels:
-        full = np.full((n, x.shape[1]), np.nan, dtype=np.float32)
-        full[features.index] = x
-        levels.append(full)
-    valid = np.zeros(n, dtype=bool)
-    valid[features.index] = True
-    failed = {e.path for e in features.errors}
-    hashes = [None if p in failed else file_digest(p) for p in paths]
-    info = {
-        "shard": shard,
-        "rows": n,
-        "errors": len(features.errors),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    store.write_shard(shard, levels, valid, hashes, features.errors, info)
-    return {**info, "skipped": False}
 
 
 @lru_cache(maxsize=8)
@@ -137,12 +40,14 @@ def _chunk_moments(
     valid = np.asarray(group["valid"][rows])
     if selected is not None:
         valid &= selected
-    x = np.asarray(group["features"][str(level)][rows])[valid].astype(np.float64)
+    x = np.asarray(group["features"][str(level)][rows])
+    if not valid.all():
+        x = x[valid]
     if projection is not None:
         mean, components = projection
         x = (x - mean) @ components.T
-    dim = x.shape[1]
-    return Moments.from_array(x) if len(x) else Moments.empty(dim)
+    # float32 rows go to from_array as they are: it makes the one float64 copy.
+    return Moments.from_array(x) if len(x) else Moments.empty(x.shape[1])
 
 
 def _merge(*parts: Moments) -> Moments:
@@ -159,6 +64,20 @@ def tree_sum(parts: list[Delayed], split_every: int = 8) -> Delayed:
             for i in range(0, len(parts), split_every)
         ]
     return parts[0]
+
+
+def chain_sum(parts: list[Delayed], chains: int, split_every: int = 8) -> Delayed:
+    """Fold delayed partials along ``chains`` sequential chains, then tree-merge the chains.
+
+    About ``chains`` accumulators are alive at once whatever the number of partials,
+    where a plain tree keeps up to ``split_every`` partials per level waiting to merge.
+    """
+    if not parts:
+        raise ValueError("no partial statistics to merge")
+    heads = parts[:chains]
+    for i, part in enumerate(parts[chains:]):
+        heads[i % chains] = dask.delayed(operator.add)(heads[i % chains], part)
+    return tree_sum(heads, split_every)
 
 
 def level_moments(
@@ -179,7 +98,8 @@ def level_moments(
             continue
         chunk_mask = None if selected is None else selected[rows]
         parts.append(dask.delayed(_chunk_moments)(store.url, level, rows, chunk_mask, projection))
-    return tree_sum(parts, split_every)
+    chains = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    return chain_sum(parts, chains, split_every)
 
 
 def compute(*delayed: Delayed) -> tuple:
@@ -239,34 +159,3 @@ def fit_store(
         ]
     )
     return model.fit_moments(list(projected))
-
-
-def augmented_moments(
-    backbone: Backbone,
-    paths: Sequence[str],
-    passes: int,
-    config: AugmentConfig,
-    *,
-    seed: int = 0,
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str | None = None,
-) -> list[Moments]:
-    """Stream ``passes`` augmented passes over ``paths`` straight into per-level statistics.
-
-    Features are reduced batch by batch and never kept; row ``p * len(paths) + i`` is
-    augmented with the same (seed, row) as in an augmented feature store.
-    """
-    totals = [Moments.empty(d) for d in backbone.level_dims]
-    for p in range(passes):
-        transforms = [SeededAugment(config, seed, p * len(paths) + i) for i in range(len(paths))]
-        for _, levels, _ in iter_feature_batches(
-            backbone,
-            paths,
-            batch_size=batch_size,
-            workers=workers,
-            transform=transforms,
-            device=device,
-        ):
-            totals = [t + Moments.from_array(x) for t, x in zip(totals, levels, strict=True)]
-    return totals

@@ -37,10 +37,10 @@ DTYPES = ("float32", "float16")
 class FeatureStore:
     """A chunked feature store with per-shard completion markers."""
 
-    def __init__(self, url: str, group: zarr.Group, manifest: pd.DataFrame):
+    def __init__(self, url: str, group: zarr.Group, manifest: pd.DataFrame | None = None):
         self.url = str(url)
         self.group = group
-        self.manifest = manifest
+        self._manifest = manifest
         self.fs, self.root = url_to_fs(self.url)
         attrs = group.attrs.asdict()
         self.levels: list[int] = list(attrs["levels"])
@@ -48,6 +48,14 @@ class FeatureStore:
         self.shard_size: int = int(attrs["shard_size"])
         self.n_rows: int = int(attrs["n_rows"])
         self.config: dict[str, Any] = dict(attrs.get("config", {}))
+
+    @property
+    def manifest(self) -> pd.DataFrame:
+        """The planned rows, read on first use (about 150 bytes a row; a fit never needs it)."""
+        if self._manifest is None:
+            with self.fs.open(f"{self.root}/{MANIFEST}", "rb") as f:
+                self._manifest = pd.read_parquet(f)
+        return self._manifest
 
     # ------------------------------------------------------------ creating
     @classmethod
@@ -127,10 +135,7 @@ class FeatureStore:
         """Open an existing store."""
         if not cls.exists(url):
             raise FileNotFoundError(f"{url}: no feature store there (no {MANIFEST})")
-        fs, root = url_to_fs(str(url))
-        with fs.open(f"{root}/{MANIFEST}", "rb") as f:
-            manifest = pd.read_parquet(f)
-        return cls(url, zarr.open_group(url, mode="r+"), manifest)
+        return cls(url, zarr.open_group(url, mode="r+"))
 
     # ------------------------------------------------------------- shards
     @property

@@ -9,8 +9,8 @@ from typing import Any
 from prefect import task
 
 from gaussian_ad.backbones import Backbone, load_backbone
+from gaussian_ad.extraction import extract_shard
 from gaussian_ad.images import ImageRecord
-from gaussian_ad.outofcore import extract_shard
 from gaussian_ad.store import FeatureStore
 
 

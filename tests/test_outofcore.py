@@ -10,9 +10,10 @@ from gaussian_ad.augment import AugmentConfig
 from gaussian_ad.backbones import load_backbone
 from gaussian_ad.cli import app
 from gaussian_ad.detector import Detector
+from gaussian_ad.extraction import augmented_moments, create_store, extract_shard
 from gaussian_ad.gaussian import GaussianAD
 from gaussian_ad.images import mvtec_manifest
-from gaussian_ad.outofcore import augmented_moments, create_store, extract_shard, fit_store
+from gaussian_ad.outofcore import fit_store
 from gaussian_ad.store import FeatureStore
 
 LEVELS = (3, 6, 9)

@@ -1,0 +1,145 @@
+"""Extraction into a feature store shard by shard, and augmented passes into statistics.
+
+A shard is the unit of fan-out: :func:`extract_shard` reads its images, runs the
+backbone and writes the rows plus the shard's completion marker. Augmented rows are
+a pure function of (seed, row), so a re-extracted shard is identical.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gaussian_ad.augment import AugmentConfig, SeededAugment
+from gaussian_ad.backbones import Backbone
+from gaussian_ad.features import extract, iter_feature_batches
+from gaussian_ad.images import ImageRecord, file_digest
+from gaussian_ad.moments import Moments
+from gaussian_ad.store import FeatureStore
+
+
+def create_store(
+    url: str,
+    records: Sequence[ImageRecord],
+    backbone: Backbone,
+    *,
+    shard_size: int = 256,
+    augment_passes: int = 0,
+    dtype: str = "float32",
+    config: dict[str, Any] | None = None,
+) -> FeatureStore:
+    """Create (or reopen, to resume) the store for ``records`` and the backbone's levels.
+
+    With ``augment_passes = K > 0`` the store has K rows per image, pass by pass.
+    """
+    records = list(records)
+    passes = None
+    if augment_passes > 0:
+        passes = [p for p in range(augment_passes) for _ in records]
+        records = records * augment_passes
+    return FeatureStore.create(
+        url,
+        records,
+        backbone.levels,
+        backbone.level_dims,
+        shard_size=shard_size,
+        augment_passes=passes,
+        dtype=dtype,
+        config={"backbone": backbone.spec.name, **(config or {})},
+    )
+
+
+def extract_shard(
+    store: FeatureStore,
+    shard: int,
+    backbone: Backbone,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Extract one shard into the store (skipped if already complete); returns its info.
+
+    Rows with an augmentation pass get a :class:`SeededAugment` fixed by (seed, row),
+    so re-extracting a shard reproduces it exactly.
+    """
+    if shard in store.complete_shards():
+        return {**store.shard_marker(shard)["info"], "skipped": True}
+    started = time.perf_counter()
+    rows = store.shard_rows(shard)
+    manifest = store.shard_manifest(shard)
+    paths = manifest["path"].tolist()
+    transforms = [
+        SeededAugment(AugmentConfig.for_category(category), seed, row) if p >= 0 else None
+        for row, category, p in zip(
+            range(rows.start, rows.stop),
+            manifest["category"],
+            manifest["augment_pass"],
+            strict=True,
+        )
+    ]
+    features = extract(
+        backbone,
+        paths,
+        batch_size=batch_size,
+        workers=workers,
+        transform=transforms,
+        device=device,
+    )
+    n = len(paths)
+    levels = []
+    for x in features.levels:
+        full = np.full((n, x.shape[1]), np.nan, dtype=np.float32)
+        full[features.index] = x
+        levels.append(full)
+    valid = np.zeros(n, dtype=bool)
+    valid[features.index] = True
+    failed = {e.path for e in features.errors}
+    hashes = [None if p in failed else file_digest(p) for p in paths]
+    info = {
+        "shard": shard,
+        "rows": n,
+        "errors": len(features.errors),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    store.write_shard(shard, levels, valid, hashes, features.errors, info)
+    return {**info, "skipped": False}
+
+
+def augmented_moments(
+    backbone: Backbone,
+    paths: Sequence[str],
+    passes: int,
+    config: AugmentConfig,
+    *,
+    seed: int = 0,
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str | None = None,
+) -> list[Moments]:
+    """Stream ``passes`` augmented passes over ``paths`` straight into per-level statistics.
+
+    Features are reduced batch by batch and never kept; row ``p * len(paths) + i`` is
+    augmented with the same (seed, row) as in an augmented feature store.
+    """
+    totals = [Moments.empty(d) for d in backbone.level_dims]
+    for p in range(passes):
+        transforms = [SeededAugment(config, seed, p * len(paths) + i) for i in range(len(paths))]
+        for _, levels, _ in iter_feature_batches(
+            backbone,
+            paths,
+            batch_size=batch_size,
+            workers=workers,
+            transform=transforms,
+            device=device,
+        ):
+            totals = [t + Moments.from_array(x) for t, x in zip(totals, levels, strict=True)]
+    return totals

@@ -1,0 +1,209 @@
+"""Patch-level Gaussian: exact streamed fit, persistence, pixel metrics, fusion."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import pinvh
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+
+from gaussian_ad.backbones import load_backbone
+from gaussian_ad.evaluation import holdout_split, split_records
+from gaussian_ad.fusion import Standardizer, fuse
+from gaussian_ad.gaussian import GaussianAD
+from gaussian_ad.images import mvtec_manifest
+from gaussian_ad.metrics import auroc, pixel_auroc, pro_auc
+from gaussian_ad.moments import BatchMoments, Moments
+from gaussian_ad.patch import (
+    PatchGaussian,
+    PatchLayout,
+    fit_patch,
+    load_masks,
+    patch_features,
+    score_patch,
+)
+from gaussian_ad.synthetic import CATEGORIES
+
+
+def rel_err(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+def offset_patches(n: int, positions: int = 16, dim: int = 6, seed: int = 0) -> np.ndarray:
+    """(n, P, d) correlated data, a different covariance per position, offset by 1e3."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(positions, dim, dim)) / 3
+    z = rng.normal(size=(n, positions, dim))
+    return (np.einsum("npi,pij->npj", z, mixing) + 1e3).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [5, 80])
+def test_streamed_fit_equals_sklearn_per_position(n):
+    x = offset_patches(n)
+    rng = np.random.default_rng(n)
+    cuts = np.sort(rng.choice(np.arange(1, n), size=3, replace=False))
+    parts = [BatchMoments.from_array(chunk) for chunk in np.split(x, cuts)]
+    rng.shuffle(parts)
+    model = PatchGaussian().fit_moments(sum(parts))
+    assert model.grid_ == 4 and model.n_samples_ == n
+    covariances = model.covariances_
+    for p in range(x.shape[1]):
+        ref = LedoitWolf().fit(x[:, p].astype(np.float64))
+        assert rel_err(model.means_[p], ref.location_) < 1e-6
+        assert rel_err(covariances[p], ref.covariance_) < 1e-6
+        assert rel_err(model.precisions_[p], ref.precision_) < 1e-6
+        assert rel_err(model.precisions_[p], pinvh(covariances[p])) < 1e-9
+        assert model.shrinkages_[p] == pytest.approx(ref.shrinkage_, rel=1e-6)
+        # The batched sums are the per-set Moments.
+        single = Moments.from_array(x[:, p].astype(np.float64))
+        merged = sum(parts)[p]
+        assert merged.centred_fourth_moment == pytest.approx(single.centred_fourth_moment, rel=1e-8)
+
+
+def test_incremental_fit_equals_full_fit():
+    x = offset_patches(50)
+    full = PatchGaussian().fit(x)
+    incremental = PatchGaussian().fit(x[:17]).partial_fit(x[17:31]).partial_fit(x[31:])
+    assert incremental.n_samples_ == 50
+    assert rel_err(incremental.means_, full.means_) < 1e-9
+    assert rel_err(incremental.precisions_, full.precisions_) < 1e-9
+    test = offset_patches(4, seed=1)
+    assert rel_err(incremental.score_maps(test), full.score_maps(test)) < 1e-9
+
+
+def test_save_load_reproduces_scores_and_maps_exactly(tmp_path):
+    x = offset_patches(30)
+    model = PatchGaussian(sigma=2.0).fit(x)
+    model.layout_ = PatchLayout(levels=(3, 4), grid=4, channel_index=(0, 2, 3, 5, 7, 8))
+    path = model.save(tmp_path / "patch.safetensors", metadata={"category": "weave"})
+    loaded = PatchGaussian.load(path)
+    assert loaded.layout_ == model.layout_ and loaded.sigma == 2.0
+    assert loaded.metadata_ == {"category": "weave"}
+    test = offset_patches(3, seed=2) + np.float32(0.5)
+    scores, maps = model.anomaly_maps(test, size=20)
+    loaded_scores, loaded_maps = loaded.anomaly_maps(test, size=20)
+    assert maps.shape == (3, 20, 20)
+    assert np.array_equal(scores, loaded_scores) and np.array_equal(maps, loaded_maps)
+    assert rel_err(maps.reshape(3, -1).max(axis=1), scores) < 1e-6  # the score is the maximum
+
+
+def test_patch_features_resize_concatenate_and_select():
+    big = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    small = torch.ones(2, 2, 2, 2)
+    features = patch_features([big, small], grid=4, channel_index=np.array([1, 3, 4]))
+    assert features.shape == (2, 16, 3) and features.dtype == np.float32
+    assert np.array_equal(features[:, :, 0], big[:, 1].reshape(2, 16).numpy())
+    assert np.all(features[:, :, 1:] == 1.0)
+
+
+def test_pixel_auroc_matches_sklearn():
+    rng = np.random.default_rng(0)
+    masks = rng.random((4, 9, 7)) > 0.8
+    maps = rng.normal(size=masks.shape) + masks
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+
+
+def brute_force_pro_auc(masks: np.ndarray, maps: np.ndarray, max_fpr: float) -> float:
+    """PRO by definition at every distinct threshold, then the same cut trapezoid."""
+    from scipy.ndimage import label
+
+    regions = []
+    for i, mask in enumerate(masks):
+        labels, count = label(mask, structure=np.ones((3, 3), dtype=int))
+        regions += [(i, labels == k) for k in range(1, count + 1)]
+    points = [(0.0, 0.0), (1.0, 1.0)]
+    for t in np.unique(maps):
+        above = maps >= t
+        fpr = (above & ~masks).sum() / (~masks).sum()
+        pro = np.mean([(above[i] & region).sum() / region.sum() for i, region in regions])
+        points.append((fpr, pro))
+    points.sort()
+    fprs, pros = np.array(points).T
+    grid = np.linspace(0, max_fpr, 200001)
+    return float(np.trapezoid(np.interp(grid, fprs, pros), grid) / max_fpr)
+
+
+def test_pro_auc_matches_definition():
+    rng = np.random.default_rng(3)
+    masks = np.zeros((3, 12, 12), dtype=bool)
+    masks[0, 2:5, 2:6] = True
+    masks[0, 8:11, 8:10] = True  # a second region in the same image
+    masks[1, 5:9, 1:3] = True
+    maps = np.round(rng.normal(size=masks.shape) + 1.5 * masks, 1)  # rounding makes ties
+    expected = brute_force_pro_auc(masks, maps, 0.3)
+    assert pro_auc(masks, maps, 0.3) == pytest.approx(expected, abs=1e-6)
+    assert pro_auc(masks, masks.astype(float) + 0.0, 0.3) == pytest.approx(1.0)
+
+
+def test_standardizer_round_trip_and_fusion():
+    standardizer = Standardizer.fit(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 50.0]))
+    assert Standardizer.from_dict(standardizer.to_dict()) == standardizer
+    fused = fuse(np.array([2.0, 4.0]), np.array([30.0, 70.0]), standardizer)
+    assert fused == pytest.approx([0.0, 4.0])
+    with pytest.raises(ValueError, match="no spread"):
+        Standardizer.fit(np.ones(3), np.arange(3.0))
+
+
+def test_fit_patch_streams_merges_and_skips_broken_images():
+    backbone = load_backbone("lite0", levels=(3, 4, 5), device="cpu")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(7)]
+    layout = PatchLayout.for_backbone(backbone, grid=7, n_channels=20)
+    whole, pooled = fit_patch(backbone, images, layout=layout, batch_size=3)
+    assert pooled.levels[0].shape == (7, 24) and len(pooled.index) == 7
+    first, _ = fit_patch(backbone, [*images[:4], b"not an image"], layout=layout, batch_size=2)
+    updated, more = fit_patch(backbone, images[4:], model=first, batch_size=2)
+    assert updated.n_samples_ == 7 and updated.layout_ == layout
+    assert rel_err(updated.precisions_, whole.precisions_) < 1e-9
+    scored = score_patch(backbone, whole, [images[0], b"broken"], batch_size=2)
+    assert scored.maps.shape == (1, 224, 224) and scored.index.tolist() == [0]
+    assert len(scored.errors) == 1
+
+
+# ------------------------------------------------------------------ synthetic end to end
+@pytest.fixture(scope="module")
+def synthetic_results(small_dataset):
+    """Per category: image-level, patch-level and fused AUROCs, and pixel metrics.
+
+    One backbone pass per image set gives both the pooled levels 1-9 (image level) and the
+    patch features of levels 3-5.
+    """
+    backbone = load_backbone("lite0", device="cpu")
+    results = {}
+    for category in CATEGORIES:
+        train, test = split_records(mvtec_manifest(small_dataset, category))
+        fit_idx, held_idx = holdout_split(len(train))
+        patch_model, fit_features = fit_patch(backbone, [train[i].path for i in fit_idx])
+        held = score_patch(backbone, patch_model, [train[i].path for i in held_idx])
+        scored = score_patch(backbone, patch_model, [r.path for r in test])
+        assert len(scored.index) == len(test) and not scored.errors
+
+        image_model = GaussianAD().fit(fit_features.levels)
+        image_held = image_model.anomaly_scores(held.pooled)
+        image_test = image_model.anomaly_scores(scored.pooled)
+        standardizer = Standardizer.fit(image_held, held.scores)
+
+        labels = np.array([r.label for r in test])
+        masks = load_masks([r.mask for r in test], backbone.spec.image_size)
+        results[category] = {
+            "grid": patch_model.grid_,
+            "image": auroc(labels, image_test),
+            "patch": auroc(labels, scored.scores),
+            "fused": auroc(labels, fuse(image_test, scored.scores, standardizer)),
+            "pixel": pixel_auroc(masks, scored.maps),
+            "pro": pro_auc(masks, scored.maps),
+        }
+    print(results)
+    return results
+
+
+def test_pixel_auroc_on_synthetic_data(synthetic_results):
+    for category, result in synthetic_results.items():
+        assert result["grid"] == 28
+        assert result["pixel"] >= 0.9, (category, result)
+
+
+def test_fusion_does_not_lose_to_the_better_score(synthetic_results):
+    for category, result in synthetic_results.items():
+        assert result["fused"] >= max(result["image"], result["patch"]) - 0.01, (category, result)
