@@ -149,3 +149,28 @@ def test_nightly_deployment_has_the_configured_cron(small_dataset):
     assert schedule.cron == "30 1 * * *"
     assert nightly["nightly-disc"].parameters["categories"] == ["disc"]
     assert any(d.name == "score-archive" for d in made)
+
+
+def test_incremental_retraining_merges_new_images_into_the_champion(
+    trained, small_dataset, tmp_path, mlflow_uri
+):
+    from flows.train import train
+
+    new_images = tmp_path / "new"
+    new_images.mkdir()
+    for record in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))[:6]:
+        shutil.copy(record.path, new_images / f"new_{Path(record.path).name}")
+    champion = load_detector(f"models:/{NAME}@champion")
+    result = train(
+        str(small_dataset),
+        CATEGORY,
+        shard_size=16,
+        home=trained["home"],
+        incremental_from=f"models:/{NAME}@champion",
+        new_images=str(new_images),
+    )
+    merged = load_detector(f"models:/{NAME}/{result['version']}")
+    assert merged.fitted_model().n_samples_ == champion.fitted_model().n_samples_ + 6
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(result["run_id"])
+    assert run.data.params["incremental_from"] == f"models:/{NAME}@champion"
