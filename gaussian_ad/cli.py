@@ -219,6 +219,9 @@ def evaluate(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
     json_out: Annotated[Path | None, typer.Option("--json", help="write results as JSON")] = None,
+    patch: Annotated[
+        bool, typer.Option(help="also the patch-level model: pixel AUROC, PRO, fused score")
+    ] = False,
 ) -> None:
     """Fit on train/good and report test AUROC per category (summed and per level)."""
     from gaussian_ad.evaluation import evaluate_category, summary
@@ -227,6 +230,9 @@ def evaluate(
     categories = category or mvtec_categories(data_root)
     if not categories:
         raise typer.BadParameter(f"no MVTec-layout categories under {data_root}")
+    if patch:
+        _evaluate_patch(data_root, categories, backbone, reduction, weights, device, json_out)
+        return
     detector = _detector(
         backbone, levels, reduction, variance_threshold, weights, device, batch_size, workers
     )
@@ -245,6 +251,31 @@ def evaluate(
     typer.echo(f"{'mean +- SEM':<16}{report['mean_auroc']:>7.3f} +- {report['sem_auroc']:.3f}")
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
+        typer.echo(f"wrote {json_out}")
+
+
+def _evaluate_patch(data_root, categories, backbone, reduction, weights, device, json_out):
+    """Image-level vs patch-level vs fused AUROC, pixel AUROC and PRO per category."""
+    from dataclasses import asdict
+
+    from gaussian_ad.backbones import load_backbone
+    from gaussian_ad.evaluation import evaluate_category_patch
+
+    model = load_backbone(backbone, None, weights=weights, device=device)
+    reduction = None if reduction.lower() == "none" else reduction.lower()
+    typer.echo(f"{'category':<16}{'image':>7}{'patch':>7}{'fused':>7}{'pixel':>7}{'PRO':>7}")
+    rows = []
+    for name in categories:
+        result = evaluate_category_patch(data_root, name, model, reduction, device=device)
+        rows.append(asdict(result))
+        pixel = "n/a" if result.pixel_auroc is None else f"{result.pixel_auroc:.3f}"
+        pro = "n/a" if result.pro is None else f"{result.pro:.3f}"
+        typer.echo(
+            f"{name:<16}{result.auroc_image:>7.3f}{result.auroc_patch:>7.3f}"
+            f"{result.auroc_fused:>7.3f}{pixel:>7}{pro:>7}"
+        )
+    if json_out:
+        json_out.write_text(json.dumps({"categories": rows}, indent=2))
         typer.echo(f"wrote {json_out}")
 
 
