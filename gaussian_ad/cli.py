@@ -279,6 +279,52 @@ def _evaluate_patch(data_root, categories, backbone, reduction, weights, device,
         typer.echo(f"wrote {json_out}")
 
 
+@app.command("select")
+def select_configuration(
+    data_root: Path,
+    category: Annotated[str, typer.Option(help="MVTec category whose train/good to use")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the selection")] = None,
+    n_per_kind: Annotated[int, typer.Option(help="synthetic defects per kind")] = 10,
+    seed: Annotated[int, typer.Option(help="hold-out split and defect seed")] = 0,
+    backbone: BackboneOpt = "lite0",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Choose levels, reduction and score on synthetic defects (no real defects needed).
+
+    Fits on 4/5 of train/good; the other fifth gives normals and their defective copies.
+    """
+    from gaussian_ad.backbones import load_backbone
+    from gaussian_ad.evaluation import holdout_split
+    from gaussian_ad.images import mvtec_manifest
+    from gaussian_ad.selection import select_configuration as select
+
+    paths = [r.path for r in mvtec_manifest(data_root, category, splits=("train",))]
+    fit_idx, held_idx = holdout_split(len(paths), seed=seed)
+    model = load_backbone(backbone, None, weights=weights, device=device)
+    selection = select(
+        [paths[i] for i in fit_idx],
+        [paths[i] for i in held_idx],
+        model,
+        n_per_kind=n_per_kind,
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+    )
+    typer.echo(f"{'levels':<8}{'reduction':<11}{'score':<7}{'AUROC':>7}")
+    for candidate, value in selection.results:
+        levels, reduction = candidate.levels or "-", candidate.reduction or "none"
+        typer.echo(f"{levels:<8}{reduction:<11}{candidate.score:<7}{value:>7.3f}")
+    best = selection.best
+    typer.echo(f"chosen: levels {best.levels}, reduction {best.reduction}, score {best.score}")
+    if json_out:
+        json_out.write_text(json.dumps(selection.to_dict(), indent=2))
+        typer.echo(f"wrote {json_out}")
+
+
 @app.command()
 def train(
     data_root: Path,
@@ -345,6 +391,7 @@ def serve(
 def demo(out_dir: Annotated[Path, typer.Argument(help="where the demo writes")] = Path("demo")):
     """Synthetic data -> train_all -> registry -> score a tar archive, on embedded services."""
     home = out_dir.resolve() / ".gaussian-ad"
+    (home / "prefect").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GAUSSIAN_AD_HOME", str(home))
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
