@@ -88,17 +88,7 @@ class Moments:
             return self
         if self.n == 0:
             return other
-        # Keep the shift of the larger partial; it is the better centre for both.
-        big, small = (self, other) if self.n >= other.n else (other, self)
-        small = small.reshifted(big.shift)
-        return Moments(
-            big.n + small.n,
-            big.shift,
-            big.sum_y + small.sum_y,
-            big.sum_yy + small.sum_yy,
-            big.sum_y2y + small.sum_y2y,
-            big.sum_y4 + small.sum_y4,
-        )
+        return Moments(*_merged_fields(self, other))
 
     def __radd__(self, other: object) -> Moments:
         """Allow ``sum(partials)`` (which starts from 0)."""
@@ -343,16 +333,7 @@ class BatchMoments:
             raise ValueError(
                 f"cannot merge statistics of shapes {self.shift.shape} and {other.shift.shape}"
             )
-        big, small = (self, other) if self.n >= other.n else (other, self)
-        small = small.reshifted(big.shift)
-        return BatchMoments(
-            big.n + small.n,
-            big.shift,
-            big.sum_y + small.sum_y,
-            big.sum_yy + small.sum_yy,
-            big.sum_y2y + small.sum_y2y,
-            big.sum_y4 + small.sum_y4,
-        )
+        return BatchMoments(*_merged_fields(self, other))
 
     def __radd__(self, other: object) -> BatchMoments:
         """Allow ``sum(partials)`` (which starts from 0)."""
@@ -396,3 +377,18 @@ class BatchMoments:
 
 
 _BATCH_ARRAYS = ("shift", "sum_y", "sum_yy", "sum_y2y", "sum_y4")
+
+
+def _merged_fields(a: Moments | BatchMoments, b: Moments | BatchMoments) -> tuple:
+    """Fields of the union: the smaller partial re-expressed around the larger's shift
+    (the better centre for both), then the sums added."""
+    big, small = (a, b) if a.n >= b.n else (b, a)
+    small = small.reshifted(big.shift)
+    return (
+        big.n + small.n,
+        big.shift,
+        big.sum_y + small.sum_y,
+        big.sum_yy + small.sum_yy,
+        big.sum_y2y + small.sum_y2y,
+        big.sum_y4 + small.sum_y4,
+    )
