@@ -45,8 +45,10 @@ def artifact_location(uri: str, path: str | None = None) -> str | None:
 def dask_runner(address: str | None = None) -> DaskTaskRunner:
     """A DaskTaskRunner on ``address`` / $GAUSSIAN_AD_DASK_ADDRESS, else a local cluster.
 
-    The local cluster is one worker process with two threads on CPU (torch and the
-    decoding threads share the cores), one single-threaded worker per GPU on CUDA.
+    The local cluster runs its workers as threads of this process: tasks share the one
+    loaded backbone and Prefect's API (the ephemeral one included) instead of each
+    worker process importing torch and starting an API of its own. One worker with two
+    threads on CPU (torch and the decoding threads share the cores), one per GPU on CUDA.
     """
     address = address or os.environ.get("GAUSSIAN_AD_DASK_ADDRESS")
     if address:
@@ -58,7 +60,7 @@ def dask_runner(address: str | None = None) -> DaskTaskRunner:
         cluster_kwargs={
             "n_workers": max(gpus, 1),
             "threads_per_worker": 1 if gpus else 2,
-            "processes": True,
+            "processes": False,
             "dashboard_address": ":0",
             "silence_logs": logging.WARNING,
         }

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from distributed import get_worker
 from prefect import task
 
 from gaussian_ad.backbones import Backbone, load_backbone
@@ -64,8 +65,8 @@ def prepare_store(
 
 @task(name="extract-shard", retries=2, retry_delay_seconds=5)
 def extract_shard_task(url: str, shard: int, backbone: BackboneConfig, seed: int) -> dict:
-    """Extract one shard; returns its info (rows, errors, host, pid, seconds, skipped)."""
-    return extract_shard(
+    """Extract one shard; returns its info (rows, errors, host, pid, worker, seconds, ...)."""
+    info = extract_shard(
         FeatureStore.open(url),
         shard,
         worker_backbone(backbone),
@@ -74,3 +75,12 @@ def extract_shard_task(url: str, shard: int, backbone: BackboneConfig, seed: int
         device=backbone.device,
         seed=seed,
     )
+    return {**info, "worker": _worker_address()}
+
+
+def _worker_address() -> str | None:
+    """The Dask worker running this task, if it runs on one."""
+    try:
+        return get_worker().address
+    except ValueError:
+        return None
