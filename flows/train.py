@@ -12,7 +12,12 @@ from prefect import flow
 from flows.runtime import artifact_location, dask_runner, gpu_annotation, tracking_uri, work_dir
 from gaussian_ad.backbones import BACKBONES, parse_levels
 from gaussian_ad.evaluation import holdout_split
-from gaussian_ad.images import ImageRecord, folder_manifest, mvtec_categories
+from gaussian_ad.images import (
+    ImageRecord,
+    folder_manifest,
+    manifest_fingerprint,
+    mvtec_categories,
+)
 from gaussian_ad.registry import load_detector
 from tasks.extract import BackboneConfig, extract_shard_task, prepare_store
 from tasks.fit import evaluate, fit_statistics
@@ -81,9 +86,7 @@ def train(
         champion = load_detector(incremental_from)
         backbone, levels = champion.backbone, ",".join(map(str, champion.levels))
         weights, pretrained = champion.weights, champion.pretrained
-        base_path = str(
-            work_dir(home) / "models" / category / f"base-{uuid.uuid4().hex}.safetensors"
-        )
+        base_path = str(models / f"base-{uuid.uuid4().hex}.safetensors")
         champion.fitted_model().save(base_path)
         fit_records = [
             ImageRecord(r.path, category, "train", 0, "good") for r in folder_manifest([new_images])
@@ -104,7 +107,7 @@ def train(
         / "stores"
         / category
         / f"{fingerprint[:16]}-{backbone}-L{level_tag}-aug{augment_passes}-seed{seed}"
-        f"{'-inc' if base_path else ''}.zarr"
+        f"{f'-inc{manifest_fingerprint(fit_records)[:12]}' if base_path else ''}.zarr"
     )
     pending = prepare_store(store_url, rows, passes, config, shard_size, {"category": category})
     print(f"[{category}] {len(rows)} rows, {len(pending)} shard(s) to extract -> {store_url}")
