@@ -14,16 +14,14 @@ Features are projected without whitening, then modelled as above.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
 from scipy.linalg import pinvh
 
+from gaussian_ad.arrayfile import read_arrays, write_arrays
 from gaussian_ad.moments import Moments, ledoit_wolf
 from gaussian_ad.thresholds import chi2_thresholds
 
@@ -232,31 +230,12 @@ class GaussianAD:
             "threshold": self.threshold_,
             "metadata": metadata or {},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-            str(tmp),
-            metadata={"gaussian_ad": json.dumps(header)},
-        )
-        tmp.replace(path)
-        return path
+        return write_arrays(path, arrays, "gaussian_ad", header)
 
     @classmethod
     def load(cls, path: str | Path) -> GaussianAD:
         """Read a model written by :meth:`save`; ``metadata_`` holds the saved metadata."""
-        path = Path(path)
-        with safe_open(str(path), framework="numpy") as f:
-            header_text = (f.metadata() or {}).get("gaussian_ad")
-        if header_text is None:
-            raise ValueError(f"{path}: not a gaussian-ad model file (no gaussian_ad metadata)")
-        header = json.loads(header_text)
-        if header["format_version"] > FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: model format {header['format_version']} is newer than "
-                f"this gaussian-ad understands ({FORMAT_VERSION})"
-            )
-        arrays = load_file(str(path))
+        header, arrays = read_arrays(path, "gaussian_ad", FORMAT_VERSION, "gaussian-ad model")
         model = cls(header["reduction"], header["variance_threshold"])
         n_levels = header["n_levels"]
         raw = [Moments.from_arrays(arrays, f"level{i}.raw.") for i in range(n_levels)]

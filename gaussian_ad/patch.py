@@ -29,7 +29,6 @@ which on a busy machine is an order of magnitude faster than several.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,12 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
 from scipy.ndimage import gaussian_filter
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from gaussian_ad.arrayfile import read_arrays, write_arrays
 from gaussian_ad.backbones import Backbone, BackboneSpec, parse_levels
 from gaussian_ad.features import Features, Transform, autocast_for, iter_input_batches
 from gaussian_ad.images import ImageError, ImageSource
@@ -254,37 +252,16 @@ class PatchGaussian:
             "layout": None if self.layout_ is None else self.layout_.to_dict(),
             "metadata": metadata or {},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        arrays = self.moments_.to_arrays("moments.")
-        save_file(
-            {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-            str(tmp),
-            metadata={"gaussian_ad_patch": json.dumps(header)},
-        )
-        tmp.replace(path)
-        return path
+        return write_arrays(path, self.moments_.to_arrays("moments."), "gaussian_ad_patch", header)
 
     @classmethod
     def load(cls, path: str | Path) -> PatchGaussian:
         """Read a model written by :meth:`save` (refits from the sums: identical results)."""
-        path = Path(path)
-        with safe_open(str(path), framework="numpy") as f:
-            header_text = (f.metadata() or {}).get("gaussian_ad_patch")
-        if header_text is None:
-            raise ValueError(
-                f"{path}: not a patch-level model file (no gaussian_ad_patch metadata)"
-            )
-        header = json.loads(header_text)
-        if header["format_version"] > FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: patch model format {header['format_version']} is newer than "
-                f"this gaussian-ad understands ({FORMAT_VERSION})"
-            )
+        header, arrays = read_arrays(path, "gaussian_ad_patch", FORMAT_VERSION, "patch-level model")
         model = cls(sigma=header["sigma"])
         if header["layout"] is not None:
             model.layout_ = PatchLayout.from_dict(header["layout"])
-        model.fit_moments(BatchMoments.from_arrays(load_file(str(path)), "moments."))
+        model.fit_moments(BatchMoments.from_arrays(arrays, "moments."))
         model.metadata_ = header["metadata"]
         return model
 
