@@ -12,6 +12,7 @@ from prefect import flow
 from flows.runtime import artifact_location, dask_runner, gpu_annotation, tracking_uri, work_dir
 from gaussian_ad.backbones import BACKBONES, parse_levels
 from gaussian_ad.evaluation import holdout_split
+from gaussian_ad.extraction import augmented_rows
 from gaussian_ad.images import (
     ImageRecord,
     folder_manifest,
@@ -29,8 +30,7 @@ def _store_rows(
     fit: list[ImageRecord], held: list[ImageRecord], test: list[ImageRecord], passes: int
 ) -> tuple[list[ImageRecord], list[int], dict[str, np.ndarray]]:
     """Store rows: fit images (once, or once per augmentation pass), held-out, test."""
-    fit_rows = fit * max(passes, 1)
-    fit_passes = [p for p in range(passes) for _ in fit] if passes else [-1] * len(fit)
+    fit_rows, fit_passes = augmented_rows(fit, passes)
     records = fit_rows + held + test
     passes_all = fit_passes + [-1] * (len(held) + len(test))
     start_held, start_test = len(fit_rows), len(fit_rows) + len(held)

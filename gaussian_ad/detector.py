@@ -12,9 +12,7 @@ import numpy as np
 from gaussian_ad.backbones import BACKBONES, Backbone, load_backbone, parse_levels
 from gaussian_ad.features import Features, extract
 from gaussian_ad.gaussian import GaussianAD
-from gaussian_ad.images import ImageError
-
-ImageSource = Any  # a path, PIL image or numpy array
+from gaussian_ad.images import ImageError, ImageSource
 
 
 @dataclass

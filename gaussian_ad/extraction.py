@@ -23,6 +23,18 @@ from gaussian_ad.moments import Moments
 from gaussian_ad.store import FeatureStore
 
 
+def augmented_rows(
+    records: Sequence[ImageRecord], passes: int
+) -> tuple[list[ImageRecord], list[int]]:
+    """Store rows and their augmentation pass: once each (pass -1) without passes, else
+    pass by pass, so row ``p * len(records) + i`` is image i in pass p (the numbering
+    :class:`SeededAugment` and :func:`augmented_moments` use)."""
+    records = list(records)
+    if passes <= 0:
+        return records, [-1] * len(records)
+    return records * passes, [p for p in range(passes) for _ in records]
+
+
 def create_store(
     url: str,
     records: Sequence[ImageRecord],
@@ -37,14 +49,10 @@ def create_store(
 
     With ``augment_passes = K > 0`` the store has K rows per image, pass by pass.
     """
-    records = list(records)
-    passes = None
-    if augment_passes > 0:
-        passes = [p for p in range(augment_passes) for _ in records]
-        records = records * augment_passes
+    rows, passes = augmented_rows(records, augment_passes)
     return FeatureStore.create(
         url,
-        records,
+        rows,
         backbone.levels,
         backbone.level_dims,
         shard_size=shard_size,
