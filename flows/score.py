@@ -53,13 +53,17 @@ def score(
     batch_size: int = 32,
     workers: int = 2,
     home: str | None = None,
+    maps: bool = False,
 ) -> dict[str, Any]:
     """Score every image of ``source`` (folder, glob, tar/zip archive or fsspec URL).
 
     ``model`` is a model URI, by default ``models:/gaussian-ad-<category>@champion``;
     an alias is resolved once, so every shard uses the same version. Output under
     ``out``: ``scores/part-*.parquet`` (path, score, score_l<level>, is_anomaly,
-    model_name, model_version, shard) and ``errors/*.parquet`` (path, reason, shard).
+    model_name, model_version, shard; image_score, patch_score with a patch model) and
+    ``errors/*.parquet`` (path, reason, shard). With ``maps`` (off by default; the model
+    needs a patch-level model), the anomaly-map overlay of every image above the threshold
+    is written under ``maps/`` and named in the table's ``map`` column.
     """
     if model is None:
         if category is None:
@@ -68,6 +72,11 @@ def score(
     tracking = tracking_uri(home)
     mlflow.set_tracking_uri(tracking)
     version = resolve_version(model)
+    if maps and version is not None and version.tags.get("patch") != "True":
+        raise ValueError(
+            f"{model} (version {version.version}) has no patch-level model to draw maps with; "
+            "train with patch=True or score without maps"
+        )
     model_uri = f"models:/{version.name}/{version.version}" if version else model
     name, number = (version.name, version.version) if version else (model, "")
     out_dir = Path(out).resolve()
@@ -78,7 +87,7 @@ def score(
     with gpu_annotation():
         futures = [
             score_shard.submit(
-                shard_items, i, str(out_dir), model_uri, name, number, tracking, runtime
+                shard_items, i, str(out_dir), model_uri, name, number, tracking, runtime, maps
             )
             for i, shard_items in enumerate(shards)
             if not part_path(str(out_dir), "scores", i).exists()
@@ -93,6 +102,7 @@ def score(
         "errors": len(errors),
         "shards": len(shards),
         "shards_run": sum(not i["skipped"] for i in infos),
+        "maps_written": sum(i.get("maps", 0) for i in infos),
         "model": model_uri,
         "out": str(out_dir),
     }

@@ -1,5 +1,6 @@
-"""Training flows: manifest -> sharded extraction into Zarr -> Dask statistics -> fit ->
-evaluation -> MLflow run, registered version, challenger/champion aliases."""
+"""Training flows: manifest -> [configuration chosen on synthetic defects] -> sharded
+extraction into Zarr -> Dask statistics -> fit -> evaluation -> MLflow run, registered
+version, challenger/champion aliases."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from prefect import flow
 
 from flows.runtime import artifact_location, dask_runner, gpu_annotation, tracking_uri, work_dir
 from gaussian_ad.backbones import BACKBONES, parse_levels
+from gaussian_ad.detector import SCORE_KINDS
 from gaussian_ad.evaluation import holdout_split
 from gaussian_ad.extraction import augmented_rows
 from gaussian_ad.images import (
@@ -19,11 +21,14 @@ from gaussian_ad.images import (
     manifest_fingerprint,
     mvtec_categories,
 )
+from gaussian_ad.patch import DEFAULT_N_CHANNELS, default_patch_levels
 from gaussian_ad.registry import load_detector
+from gaussian_ad.selection import DEFAULT_N_PER_KIND
 from tasks.extract import BackboneConfig, extract_shard_task, prepare_store
 from tasks.fit import evaluate, fit_statistics
 from tasks.manifest import build_manifest
 from tasks.register import register_model
+from tasks.select import select_task
 
 
 def _store_rows(
@@ -57,6 +62,12 @@ def train(
     promotion_tolerance: float = 0.0,
     incremental_from: str | None = None,
     new_images: str | None = None,
+    patch: bool = False,
+    score: str = "image",
+    select: bool = False,
+    select_per_kind: int = DEFAULT_N_PER_KIND,
+    patch_grid: int | None = None,
+    patch_channels: int = DEFAULT_N_CHANNELS,
     weights: str | None = None,
     pretrained: bool = True,
     device: str | None = None,
@@ -70,8 +81,19 @@ def train(
     The fit uses 4/5 of train/good (fold 0 of KFold(5, shuffle, seed)); the other
     fifth calibrates thresholds. With ``incremental_from`` (a model URI, e.g.
     ``models:/gaussian-ad-<category>@champion``) and ``new_images`` (a folder of new
-    normal images), the new images' statistics are merged into that model instead.
+    normal images), the new images' statistics are merged into that model instead, with
+    its configuration.
+
+    Beyond the paper: ``patch`` also fits the patch-level model (anomaly maps, pixel
+    AUROC and PRO where masks exist); ``score`` ("image", "patch", "fused") is the score
+    that ranks and thresholds images; ``select`` first chooses levels, reduction and score
+    on synthetic defects made from the held-out fold (see gaussian_ad.selection) and logs
+    every candidate's validation AUROC.
     """
+    if score not in SCORE_KINDS:
+        raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
+    if select and incremental_from:
+        raise ValueError("select chooses a configuration for a full fit, not an incremental one")
     records, fingerprint = build_manifest(data_root, category)
     train_good = [r for r in records if r.split == "train"]
     test = [r for r in records if r.split == "test"]
@@ -86,30 +108,58 @@ def train(
         champion = load_detector(incremental_from)
         backbone, levels = champion.backbone, ",".join(map(str, champion.levels))
         weights, pretrained = champion.weights, champion.pretrained
+        patch, score = champion.patch, champion.score_kind
+        patch_grid, patch_channels = champion.patch_grid, champion.patch_channels
+        seed = champion.seed
         base_path = str(models / f"base-{uuid.uuid4().hex}.safetensors")
-        champion.fitted_model().save(base_path)
+        champion.save(base_path)
         fit_records = [
             ImageRecord(r.path, category, "train", 0, "good") for r in folder_manifest([new_images])
         ]
+    config = BackboneConfig(backbone, None, weights, pretrained, device, batch_size, workers)
+    selection = None
+    if select:
+        selection = select_task.submit(
+            [r.path for r in fit_records], [r.path for r in held], config, select_per_kind, seed
+        ).result()
+        best = selection["best"]
+        print(f"[{category}] selected {best} of {len(selection['results'])} candidates")
+        score = best["score"]
+        if best["levels"] is not None:
+            levels, reduction = best["levels"], best["reduction"]
+    patch = patch or score != "image"
+    image_levels = parse_levels(levels, BACKBONES[backbone].n_levels)
+    patch_levels = default_patch_levels(BACKBONES[backbone]) if patch else ()
     config = BackboneConfig(
         backbone,
-        parse_levels(levels, BACKBONES[backbone].n_levels),
+        tuple(sorted(set(image_levels) | set(patch_levels))),
         weights,
         pretrained,
         device,
         batch_size,
         workers,
     )
+    patch_options = {"grid": patch_grid, "n_channels": patch_channels, "seed": seed}
     rows, passes, index = _store_rows(fit_records, held, test, augment_passes)
-    level_tag = "-".join(map(str, config.levels))
+    level_tag = "-".join(map(str, image_levels))
+    patch_tag = f"-patch{patch_grid or 'auto'}x{patch_channels}" if patch else ""
     store_url = str(
         work_dir(home)
         / "stores"
         / category
-        / f"{fingerprint[:16]}-{backbone}-L{level_tag}-aug{augment_passes}-seed{seed}"
+        / f"{fingerprint[:16]}-{backbone}-L{level_tag}{patch_tag}-aug{augment_passes}-seed{seed}"
         f"{f'-inc{manifest_fingerprint(fit_records)[:12]}' if base_path else ''}.zarr"
     )
-    pending = prepare_store(store_url, rows, passes, config, shard_size, {"category": category})
+    pending = prepare_store(
+        store_url,
+        rows,
+        passes,
+        config,
+        shard_size,
+        {"category": category},
+        image_levels,
+        patch_options if patch else None,
+    )
     print(f"[{category}] {len(rows)} rows, {len(pending)} shard(s) to extract -> {store_url}")
     with gpu_annotation():
         futures = [extract_shard_task.submit(store_url, s, config, seed) for s in pending]
@@ -119,7 +169,7 @@ def train(
         store_url, index["fit"], reduction, variance_threshold, model_path, base_path
     ).result()
     evaluation = evaluate.submit(
-        store_url, model_path, list(config.levels), index["held"], index["test"], target_fpr
+        store_url, model_path, config, score, index["held"], index["test"], target_fpr, seed
     ).result()
     uri = tracking_uri(home)
     params = {
@@ -131,6 +181,7 @@ def train(
         "data_fingerprint": fingerprint,
         "target_fpr": target_fpr,
         "incremental_from": incremental_from or "",
+        "select": select,
     }
     record = register_model.submit(
         uri,
@@ -144,16 +195,21 @@ def train(
         params,
         category,
         promotion_tolerance,
+        selection,
     ).result()
+    metrics = evaluation.summary_metrics(score)
     print(
-        f"[{category}] AUROC {evaluation.auroc:.4f}; registered {record.name} v{record.version}"
+        f"[{category}] {score} AUROC {metrics['auroc']:.4f}; "
+        f"registered {record.name} v{record.version}"
         f" ({'champion' if record.promoted else 'challenger'}): {record.reason}"
     )
     return {
         "category": category,
-        "auroc": evaluation.auroc,
+        **metrics,
+        "score": score,
         "auroc_levels": evaluation.auroc_levels,
-        "threshold": evaluation.thresholds.threshold,
+        "threshold": evaluation.threshold,
+        "selection": selection,
         "name": record.name,
         "version": record.version,
         "promoted": record.promoted,

@@ -192,7 +192,7 @@ def score(
 
     detector = Detector.load(model, device=device, batch_size=batch_size, workers=workers)
     if threshold is not None:
-        detector.fitted_model().threshold_ = threshold
+        detector.threshold_ = threshold
     files = [r.path for r in folder_manifest(paths)]
     result = detector.score(files, progress=True)
     table = score_table([files[i] for i in result.index], result, detector.levels)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from gaussian_ad.fusion import Standardizer, fuse
 from gaussian_ad.gaussian import GaussianAD
 from gaussian_ad.images import ImageError, ImageRecord, mvtec_manifest
 from gaussian_ad.metrics import auroc, level_aurocs, mean_sem, pixel_auroc, pro_auc
-from gaussian_ad.patch import fit_patch, load_masks, score_patch
+from gaussian_ad.patch import PatchGaussian, fit_patch, load_masks, score_patch
 from gaussian_ad.thresholds import empirical_threshold, observed_rate, sigma_to_fpr
 
 
@@ -162,6 +162,29 @@ class ModelEvaluation:
     level_scores: np.ndarray
     heldout_scores: np.ndarray
     thresholds: ThresholdReport
+    patch: PatchModelEvaluation | None = None
+    threshold: float | None = None  # of the detector's chosen score, once calibrated
+
+    def chosen_auroc(self, kind: str = "image") -> float:
+        """Test AUROC of a score kind ("image", "patch" or "fused")."""
+        if kind == "image":
+            return self.auroc
+        if self.patch is None:
+            raise ValueError(f"no patch-level results for the {kind!r} score")
+        return self.patch.auroc_patch if kind == "patch" else self.patch.auroc_fused
+
+    def summary_metrics(self, kind: str = "image") -> dict[str, float]:
+        """auroc (of ``kind``), auroc_image and, with a patch model, auroc_patch,
+        auroc_fused and, where masks exist, pixel_auroc and pro."""
+        metrics = {"auroc": self.chosen_auroc(kind), "auroc_image": self.auroc}
+        if self.patch is not None:
+            metrics |= {
+                "auroc_patch": self.patch.auroc_patch,
+                "auroc_fused": self.patch.auroc_fused,
+            }
+            if self.patch.pixel_auroc is not None:
+                metrics |= {"pixel_auroc": self.patch.pixel_auroc, "pro": self.patch.pro}
+        return metrics
 
 
 def evaluate_model(
@@ -241,3 +264,78 @@ def evaluate_category_patch(
         pro=pro,
         n_train=len(fit_idx),
     )
+
+
+@dataclass
+class PatchModelEvaluation:
+    """A fitted patch model next to the image-level one: patch and fused scores, pixel
+    metrics where masks exist, and the anomaly maps of the most anomalous test images."""
+
+    standardizer: Standardizer
+    heldout_patch: np.ndarray
+    patch_scores: np.ndarray
+    fused_scores: np.ndarray
+    auroc_patch: float
+    auroc_fused: float
+    pixel_auroc: float | None
+    pro: float | None
+    maps: dict[int, np.ndarray]  # test position -> (S, S) anomaly map
+
+    def chosen(self, kind: str, image_scores: np.ndarray) -> np.ndarray:
+        """The test scores of a score kind ("image", "patch" or "fused")."""
+        return {"image": image_scores, "patch": self.patch_scores, "fused": self.fused_scores}[kind]
+
+
+def evaluate_patch_model(
+    model: PatchGaussian,
+    read_patches: Callable[[np.ndarray], np.ndarray],
+    heldout_rows: np.ndarray,
+    test_rows: np.ndarray,
+    heldout_image: np.ndarray,
+    test_image: np.ndarray,
+    labels: np.ndarray,
+    mask_paths: Sequence[str | None],
+    size: int,
+    rank_by: str = "fused",
+    n_maps: int = 6,
+    chunk: int = 32,
+) -> PatchModelEvaluation:
+    """Patch, fused and pixel-level results from stored patch features.
+
+    ``read_patches(rows)`` returns (len(rows), P, d) features; they are scored ``chunk``
+    rows at a time. The fused score is standardised on the held-out normals. All test
+    maps are kept for the pixel metrics (n_test * size^2 * 4 bytes); the ``n_maps``
+    highest by ``rank_by`` are returned.
+    """
+
+    def scores_and_maps(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts = [
+            model.anomaly_maps(read_patches(rows[i : i + chunk]), size)
+            for i in range(0, len(rows), chunk)
+        ]
+        if not parts:
+            return np.empty(0), np.empty((0, size, size), np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    heldout_patch, _ = scores_and_maps(np.asarray(heldout_rows))
+    patch_scores, maps = scores_and_maps(np.asarray(test_rows))
+    standardizer = Standardizer.fit(heldout_image, heldout_patch)
+    fused = fuse(test_image, patch_scores, standardizer)
+    pixel, pro = None, None
+    if any(mask_paths):
+        masks = load_masks(mask_paths, size)
+        pixel, pro = pixel_auroc(masks, maps), pro_auc(masks, maps)
+    result = PatchModelEvaluation(
+        standardizer,
+        heldout_patch,
+        patch_scores,
+        fused,
+        auroc(labels, patch_scores),
+        auroc(labels, fused),
+        pixel,
+        pro,
+        {},
+    )
+    ranking = result.chosen(rank_by, np.asarray(test_image))
+    result.maps = {int(i): maps[i] for i in np.argsort(-ranking, kind="stable")[:n_maps]}
+    return result

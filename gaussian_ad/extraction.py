@@ -17,9 +17,10 @@ import numpy as np
 
 from gaussian_ad.augment import AugmentConfig, SeededAugment
 from gaussian_ad.backbones import Backbone
-from gaussian_ad.features import extract, iter_feature_batches
+from gaussian_ad.features import Features, extract, iter_feature_batches
 from gaussian_ad.images import ImageRecord, file_digest
 from gaussian_ad.moments import Moments
+from gaussian_ad.patch import PatchLayout, iter_patch_feature_batches
 from gaussian_ad.store import FeatureStore
 
 
@@ -44,10 +45,12 @@ def create_store(
     augment_passes: int = 0,
     dtype: str = "float32",
     config: dict[str, Any] | None = None,
+    patch_layout: PatchLayout | None = None,
 ) -> FeatureStore:
     """Create (or reopen, to resume) the store for ``records`` and the backbone's levels.
 
-    With ``augment_passes = K > 0`` the store has K rows per image, pass by pass.
+    With ``augment_passes = K > 0`` the store has K rows per image, pass by pass. With a
+    ``patch_layout`` the store also keeps every row's patch features.
     """
     rows, passes = augmented_rows(records, augment_passes)
     return FeatureStore.create(
@@ -59,6 +62,7 @@ def create_store(
         augment_passes=passes,
         dtype=dtype,
         config={"backbone": backbone.spec.name, **(config or {})},
+        patch_layout=None if patch_layout is None else patch_layout.to_dict(),
     )
 
 
@@ -75,7 +79,9 @@ def extract_shard(
     """Extract one shard into the store (skipped if already complete); returns its info.
 
     Rows with an augmentation pass get a :class:`SeededAugment` fixed by (seed, row),
-    so re-extracting a shard reproduces it exactly.
+    so re-extracting a shard reproduces it exactly. The backbone may compute more levels
+    than the store keeps (e.g. the patch levels); a store with a patch layout gets the
+    patch features from the same pass.
     """
     if shard in store.complete_shards():
         return {**store.shard_marker(shard)["info"], "skipped": True}
@@ -92,20 +98,28 @@ def extract_shard(
             strict=True,
         )
     ]
-    features = extract(
-        backbone,
-        paths,
-        batch_size=batch_size,
-        workers=workers,
-        transform=transforms,
-        device=device,
-    )
+    stream = {"batch_size": batch_size, "workers": workers, "transform": transforms}
     n = len(paths)
-    levels = []
-    for x in features.levels:
-        full = np.full((n, x.shape[1]), np.nan, dtype=np.float32)
-        full[features.index] = x
-        levels.append(full)
+    columns = [backbone.levels.index(level) for level in store.levels]
+    levels = [np.full((n, d), np.nan, dtype=np.float32) for d in store.dims]
+    patches = None
+    if store.patch_layout is None:
+        features = extract(backbone, paths, device=device, **stream)
+        for full, column in zip(levels, columns, strict=True):
+            full[features.index] = features.levels[column]
+    else:
+        layout = PatchLayout.from_dict(store.patch_layout)
+        patches = np.full((n, layout.n_positions, len(layout.channel_index)), np.nan, np.float32)
+        errors, indices = [], [np.empty(0, np.int64)]
+        for index, batch_patches, pooled, batch_errors in iter_patch_feature_batches(
+            backbone, layout, paths, device=device, **stream
+        ):
+            patches[index] = batch_patches
+            for full, column in zip(levels, columns, strict=True):
+                full[index] = pooled[column]
+            errors.extend(batch_errors)
+            indices.append(index)
+        features = Features([], np.concatenate(indices), errors)
     valid = np.zeros(n, dtype=bool)
     valid[features.index] = True
     failed = {e.path for e in features.errors}
@@ -118,7 +132,7 @@ def extract_shard(
         "pid": os.getpid(),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    store.write_shard(shard, levels, valid, hashes, features.errors, info)
+    store.write_shard(shard, levels, valid, hashes, features.errors, info, patches)
     return {**info, "skipped": False}
 
 

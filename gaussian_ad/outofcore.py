@@ -8,6 +8,7 @@ module needs no torch: workers that only fit never import the backbone.
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from functools import lru_cache
@@ -17,9 +18,10 @@ import numpy as np
 import zarr
 from dask.delayed import Delayed
 from distributed import get_worker, worker_client
+from threadpoolctl import threadpool_limits
 
 from gaussian_ad.gaussian import GaussianAD
-from gaussian_ad.moments import Moments
+from gaussian_ad.moments import BatchMoments, Moments
 from gaussian_ad.store import FeatureStore
 
 
@@ -50,8 +52,26 @@ def _chunk_moments(
     return Moments.from_array(x) if len(x) else Moments.empty(x.shape[1])
 
 
-def _merge(*parts: Moments) -> Moments:
-    return sum(parts, Moments.empty(parts[0].dim))
+def _chunk_patch_moments(url: str, rows: slice, selected: np.ndarray | None) -> BatchMoments | None:
+    """Per-position statistics of one chunk's valid (and selected) patch rows."""
+    group = _open_group(url)
+    valid = np.asarray(group["valid"][rows])
+    if selected is not None:
+        valid &= selected
+    if not valid.any():
+        return None
+    x = np.asarray(group["patches"][rows])[valid]
+    with threadpool_limits(1, user_api="blas"):  # many small products: one thread is faster
+        return BatchMoments.from_array(x)
+
+
+def _merge(*parts: Moments | BatchMoments | None) -> Moments | BatchMoments | None:
+    present = [part for part in parts if part is not None]
+    return functools.reduce(operator.add, present) if present else None
+
+
+def _add(a: Moments | BatchMoments | None, b: Moments | BatchMoments | None):
+    return _merge(a, b)
 
 
 def tree_sum(parts: list[Delayed], split_every: int = 8) -> Delayed:
@@ -76,7 +96,7 @@ def chain_sum(parts: list[Delayed], chains: int, split_every: int = 8) -> Delaye
         raise ValueError("no partial statistics to merge")
     heads = parts[:chains]
     for i, part in enumerate(parts[chains:]):
-        heads[i % chains] = dask.delayed(operator.add)(heads[i % chains], part)
+        heads[i % chains] = dask.delayed(_add)(heads[i % chains], part)
     return tree_sum(heads, split_every)
 
 
@@ -91,15 +111,45 @@ def level_moments(
 
     ``selected`` is an optional (N,) bool mask of the rows to include (e.g. a fold).
     """
+    parts = [
+        dask.delayed(_chunk_moments)(store.url, level, rows, mask, projection)
+        for rows, mask in _store_parts(store, selected)
+    ]
+    chains = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    return chain_sum(parts, chains, split_every)
+
+
+def _store_parts(
+    store: FeatureStore, selected: np.ndarray | None
+) -> list[tuple[slice, np.ndarray | None]]:
+    """(rows, chunk mask) of each complete shard that has selected rows."""
     parts = []
     for shard in store.complete_shards():
         rows = store.shard_rows(shard)
-        if selected is not None and not selected[rows].any():
-            continue
-        chunk_mask = None if selected is None else selected[rows]
-        parts.append(dask.delayed(_chunk_moments)(store.url, level, rows, chunk_mask, projection))
+        if selected is None or selected[rows].any():
+            parts.append((rows, None if selected is None else selected[rows]))
+    return parts
+
+
+def patch_moments(
+    store: FeatureStore, selected: np.ndarray | None = None, split_every: int = 8
+) -> BatchMoments:
+    """Per-position statistics of the store's patch features (optionally a row subset).
+
+    One partial per chunk, merged like :func:`level_moments`: memory is a few (P, d, d)
+    arrays per worker thread whatever the number of images.
+    """
+    if store.patch_layout is None:
+        raise ValueError(f"{store.url}: the store has no patch features (no patch layout)")
+    parts = [
+        dask.delayed(_chunk_patch_moments)(store.url, rows, mask)
+        for rows, mask in _store_parts(store, selected)
+    ]
     chains = dask.config.get("num_workers", None) or os.cpu_count() or 1
-    return chain_sum(parts, chains, split_every)
+    (total,) = compute(chain_sum(parts, chains, split_every))
+    if total is None:
+        raise ValueError(f"{store.url}: no valid patch rows to fit on")
+    return total
 
 
 def compute(*delayed: Delayed) -> tuple:

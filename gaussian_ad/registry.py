@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from gaussian_ad.detector import Detector
 from gaussian_ad.evaluation import ModelEvaluation
 from gaussian_ad.report import ReportData, write_report
+from gaussian_ad.tables import score_table
 
 MODEL_FILE = "detector.safetensors"
 CHAMPION = "champion"
@@ -54,7 +55,8 @@ class PyfuncDetector:
         """Score image paths (a "path" column, a list or a Series) or arrays (N, H, W, 3).
 
         Returns one row per input: path (or the array position), score, per-level
-        scores score_l<level>, is_anomaly, and error (empty when the image decoded).
+        scores score_l<level>, image_score and patch_score (with a patch model),
+        is_anomaly, and error (empty when the image decoded; NaN scores then).
         """
         if isinstance(model_input, pd.DataFrame):
             sources = model_input["path" if "path" in model_input else model_input.columns[0]]
@@ -65,15 +67,19 @@ class PyfuncDetector:
             sources = list(model_input)
         result = self.detector.score(sources)
         names = [s if isinstance(s, str) else f"<item {i}>" for i, s in enumerate(sources)]
-        table = pd.DataFrame({"path": names, "score": np.nan, "is_anomaly": False, "error": ""})
-        table.loc[result.index, "score"] = result.scores
-        for column, level in enumerate(self.detector.levels):
-            table[f"score_l{level}"] = np.nan
-            table.loc[result.index, f"score_l{level}"] = result.level_scores[:, column]
-        table.loc[result.index, "is_anomaly"] = result.is_anomaly
+        scored = score_table([names[i] for i in result.index], result, self.detector.levels)
+        table = scored.set_index(result.index).reindex(range(len(names)))
+        table["path"] = names
+        table["is_anomaly"] = table["is_anomaly"].fillna(False).astype(bool)
         failed = {e.path: e.reason for e in result.errors}
         table["error"] = [failed.get(name, "") for name in names]
-        return table
+        return table.reset_index(drop=True)
+
+    def anomaly_maps(self, sources: list[Any]) -> dict[str, np.ndarray]:
+        """Anomaly maps (input-size float32) of the images that decoded, by path or index."""
+        result = self.detector.score(sources, maps=True)
+        names = [s if isinstance(s, str) else f"<item {i}>" for i, s in enumerate(sources)]
+        return {names[i]: m for i, m in zip(result.index, result.maps, strict=True)}
 
 
 def _load_pyfunc(data_path: str) -> PyfuncDetector:
@@ -202,22 +208,32 @@ def record_training(
     champion_auroc: Callable[[Detector], float],
     tolerance: float = 0.0,
     experiment_id: str | None = None,
+    selection: dict[str, Any] | None = None,
 ) -> TrainingRecord:
     """One MLflow run: params, metrics, report, model; register, tag, alias, promote.
 
     ``champion_auroc`` scores the current champion on this run's evaluation set, so
-    promotion compares both models on the same images.
+    promotion compares both models on the same images, by each model's chosen score.
+    ``selection`` (:meth:`Selection.to_dict`) is logged as ``selection.json``, one
+    ``select_auroc_<candidate>`` metric per candidate, and tags of the version.
     """
     client = MlflowClient()
     name = registered_name(category)
     levels = list(detector.levels)
     thresholds = evaluation.thresholds
+    kind = detector.score_kind
+    chosen_auroc = evaluation.chosen_auroc(kind)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{category}-{detector.backbone}"):
         run_id = mlflow.active_run().info.run_id
         mlflow.log_params({**detector.config(), **params})
-        metrics = {"auroc": evaluation.auroc, "threshold": thresholds.threshold}
+        metrics = {**evaluation.summary_metrics(kind), "threshold": detector.threshold_}
         per_level = zip(levels, evaluation.auroc_levels, strict=True)
         metrics |= {f"auroc_l{level}": value for level, value in per_level}
+        if selection is not None:
+            metrics |= {
+                f"select_auroc_{candidate_key(row)}": row["auroc"] for row in selection["results"]
+            }
+            mlflow.log_dict(selection, "selection.json")
         mlflow.log_metrics({**metrics, **thresholds.metrics})
         mlflow.log_dict(thresholds.thresholds, "thresholds.json")
         with tempfile.TemporaryDirectory() as tmp:
@@ -228,11 +244,13 @@ def record_training(
         if current is not None:
             previous = champion_auroc(load_detector(f"models:/{name}/{current.version}"))
             mlflow.log_metric("champion_auroc", previous)
-        promoted, reason = decide_promotion(evaluation.auroc, previous, tolerance)
+        promoted, reason = decide_promotion(chosen_auroc, previous, tolerance)
         mlflow.set_tags({"promoted": str(promoted), "promotion_reason": reason})
     tags = {
-        "auroc": f"{evaluation.auroc:.6f}",
-        "threshold": f"{thresholds.threshold:.6f}",
+        "auroc": f"{chosen_auroc:.6f}",
+        "score": kind,
+        "patch": str(detector.patch_model_ is not None),
+        "threshold": f"{detector.threshold_:.6f}",
         "thresholds": json.dumps(thresholds.thresholds),
         "backbone": detector.backbone,
         "levels": ",".join(map(str, levels)),
@@ -240,9 +258,24 @@ def record_training(
         "data_fingerprint": params.get("data_fingerprint", ""),
         "promotion_reason": reason,
     }
+    if evaluation.patch is not None and evaluation.patch.pixel_auroc is not None:
+        tags |= {"pixel_auroc": f"{evaluation.patch.pixel_auroc:.6f}"}
+    if selection is not None:
+        tags |= {
+            "selection": json.dumps(selection["best"]),
+            "selection_results": json.dumps(
+                {candidate_key(row): round(row["auroc"], 6) for row in selection["results"]}
+            ),
+        }
     version = register(info.model_uri, name, tags, client)
     if promoted:
         promote(name, version.version, client)
-    return TrainingRecord(
-        run_id, name, version.version, promoted, reason, evaluation.auroc, previous
-    )
+    return TrainingRecord(run_id, name, version.version, promoted, reason, chosen_auroc, previous)
+
+
+def candidate_key(candidate: dict[str, Any]) -> str:
+    """A metric-safe name of a selection candidate: ``<score>`` or ``<score>_L<levels>[_<r>]``."""
+    if candidate["levels"] is None:
+        return candidate["score"]
+    key = f"{candidate['score']}_L{candidate['levels'].replace(',', '.')}"
+    return key + (f"_{candidate['reduction']}" if candidate["reduction"] else "")

@@ -354,12 +354,20 @@ def _thumbnail(
         image = image.convert("RGB")
     image.thumbnail((size, size))
     if anomaly_map is not None:
-        low, high = value_range
-        heat = Image.fromarray(np.nan_to_num(np.asarray(anomaly_map, np.float32), nan=low))
-        heat = np.asarray(heat.resize(image.size, Image.Resampling.BILINEAR))
-        normalised = np.clip((heat - low) / max(high - low, 1e-12), 0.0, 1.0)
-        colored = (colormaps["jet"](normalised)[..., :3] * 255).astype(np.uint8)
-        image = Image.blend(image, Image.fromarray(colored), MAP_ALPHA)
+        image = overlay(image, anomaly_map, value_range)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
+
+
+def overlay(
+    image: Image.Image, anomaly_map: np.ndarray, value_range: tuple[float, float]
+) -> Image.Image:
+    """``image`` with its anomaly map resized onto it, coloured (jet) from ``value_range``
+    (low: transparent blue, high: red) and blended at ``MAP_ALPHA``."""
+    low, high = value_range
+    heat = Image.fromarray(np.nan_to_num(np.asarray(anomaly_map, np.float32), nan=low))
+    heat = np.asarray(heat.resize(image.size, Image.Resampling.BILINEAR))
+    normalised = np.clip((heat - low) / max(high - low, 1e-12), 0.0, 1.0)
+    colored = (colormaps["jet"](normalised)[..., :3] * 255).astype(np.uint8)
+    return Image.blend(image.convert("RGB"), Image.fromarray(colored), MAP_ALPHA)

@@ -4,6 +4,8 @@ Layout under the store's URL (a local path or any fsspec URL Zarr accepts)::
 
     zarr.json                 group attributes: levels, dims, shard size, rows, config
     features/<level>          (N, d_l) float32 (or float16), chunks (shard_size, d_l)
+    patches                   (N, P, d) patch features (stores made with a patch layout),
+                              chunks (shard_size, P, d): P = grid^2 positions, d channels
     valid                     (N,) bool: the row's image decoded
     manifest.parquet          the planned rows: path, category, split, label, defect,
                               mask, augment_pass, shard
@@ -48,6 +50,7 @@ class FeatureStore:
         self.shard_size: int = int(attrs["shard_size"])
         self.n_rows: int = int(attrs["n_rows"])
         self.config: dict[str, Any] = dict(attrs.get("config", {}))
+        self.patch_layout: dict[str, Any] | None = attrs.get("patch_layout")
 
     @property
     def manifest(self) -> pd.DataFrame:
@@ -70,10 +73,12 @@ class FeatureStore:
         augment_passes: Sequence[int] | None = None,
         dtype: str = "float32",
         config: dict[str, Any] | None = None,
+        patch_layout: dict[str, Any] | None = None,
     ) -> FeatureStore:
         """Create an empty store for ``records`` (one row each), or open a matching one.
 
-        ``augment_passes`` gives each row's augmentation pass (-1 = none). Reopening
+        ``augment_passes`` gives each row's augmentation pass (-1 = none). A
+        ``patch_layout`` (:meth:`PatchLayout.to_dict`) adds the ``patches`` array. Reopening
         an existing store with the same rows returns it unchanged, so an interrupted
         extraction resumes; different rows are an error rather than a silent mix.
         """
@@ -91,9 +96,9 @@ class FeatureStore:
             store = cls.open(url)
             if not store.manifest[["path", "augment_pass"]].equals(
                 manifest[["path", "augment_pass"]]
-            ) or store.levels != list(levels):
+            ) or (store.levels, store.patch_layout) != (list(levels), patch_layout):
                 raise ValueError(
-                    f"{url}: a feature store with other rows or levels exists there; "
+                    f"{url}: a feature store with other rows, levels or patch layout exists there; "
                     "choose another --store or delete it"
                 )
             return store
@@ -106,6 +111,7 @@ class FeatureStore:
                 "shard_size": shard_size,
                 "n_rows": n,
                 "config": config or {},
+                "patch_layout": patch_layout,
             }
         )
         features = group.require_group("features")
@@ -114,6 +120,15 @@ class FeatureStore:
                 str(level),
                 shape=(n, dim),
                 chunks=(shard_size, dim),
+                dtype=dtype,
+                fill_value=np.nan,
+            )
+        if patch_layout is not None:
+            shape = (patch_layout["grid"] ** 2, len(patch_layout["channels"]))
+            group.create_array(
+                "patches",
+                shape=(n, *shape),
+                chunks=(shard_size, *shape),
                 dtype=dtype,
                 fill_value=np.nan,
             )
@@ -173,15 +188,22 @@ class FeatureStore:
         hashes: Sequence[str | None],
         errors: Sequence[ImageError] = (),
         info: dict[str, Any] | None = None,
+        patches: np.ndarray | None = None,
     ) -> None:
-        """Write a shard's features, then its marker (the commit point)."""
+        """Write a shard's features (and patch features), then its marker (the commit point)."""
         rows = self.shard_rows(shard)
         n = rows.stop - rows.start
         if len(valid) != n or any(len(x) != n for x in levels) or len(hashes) != n:
             raise ValueError(f"shard {shard} has {n} rows; got arrays of other lengths")
+        if (patches is None) != (self.patch_layout is None):
+            raise ValueError(
+                f"shard {shard}: patch features must be given exactly when the store has a layout"
+            )
         features = self.group["features"]
         for level, x in zip(self.levels, levels, strict=True):
             features[str(level)][rows] = x
+        if patches is not None:
+            self.group["patches"][rows] = patches
         self.group["valid"][rows] = np.asarray(valid, dtype=bool)
         marker = {
             "shard": shard,
@@ -233,15 +255,26 @@ class FeatureStore:
 
     def read_rows(self, level: int, rows: np.ndarray) -> np.ndarray:
         """The features of the given row indices of a level, in that order."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size == 0:
-            return np.zeros((0, self.dims[self.levels.index(level)]), dtype=np.float32)
-        order = np.argsort(rows)
-        values = self.array(level).get_orthogonal_selection((rows[order], slice(None)))
-        out = np.empty_like(values)
-        out[order] = values
-        return out
+        return _take_rows(self.array(level), rows)
+
+    def read_patches(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), P, d) patch features of the given rows, in that order."""
+        if self.patch_layout is None:
+            raise ValueError(f"{self.url}: the store has no patch features (no patch layout)")
+        return _take_rows(self.group["patches"], rows)
 
     def read_level(self, level: int) -> np.ndarray:
         """All valid rows of a level in memory (small stores only)."""
         return np.asarray(self.array(level)[:])[self.valid()]
+
+
+def _take_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Rows of a Zarr array in the given order (read in ascending order, one selection)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+    order = np.argsort(rows)
+    values = array.get_orthogonal_selection((rows[order], *(slice(None),) * (array.ndim - 1)))
+    out = np.empty_like(values)
+    out[order] = values
+    return out

@@ -13,10 +13,14 @@ from gaussian_ad.images import ImageError
 
 
 def score_table(paths: Sequence[str], scores: Scores, levels: Sequence[int]) -> pd.DataFrame:
-    """One row per scored image: path, score, score_l<level>..., is_anomaly."""
+    """One row per scored image: path, score, score_l<level>..., [image_score, patch_score,]
+    is_anomaly (image_score and patch_score when the detector has a patch model)."""
     table = pd.DataFrame({"path": list(paths), "score": scores.scores})
     for column, level in enumerate(levels):
         table[f"score_l{level}"] = scores.level_scores[:, column]
+    if scores.patch_scores is not None:
+        table["image_score"] = scores.image_scores
+        table["patch_score"] = scores.patch_scores
     table["is_anomaly"] = scores.is_anomaly
     return table
 

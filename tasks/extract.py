@@ -12,6 +12,7 @@ from prefect import task
 from gaussian_ad.backbones import Backbone, load_backbone
 from gaussian_ad.extraction import extract_shard
 from gaussian_ad.images import ImageRecord
+from gaussian_ad.patch import PatchLayout
 from gaussian_ad.store import FeatureStore
 
 
@@ -48,17 +49,27 @@ def prepare_store(
     backbone: BackboneConfig,
     shard_size: int,
     config: dict[str, Any],
+    levels: tuple[int, ...] | None = None,
+    patch: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Create or reopen the store; returns the shards still to extract."""
+    """Create or reopen the store; returns the shards still to extract.
+
+    The store keeps ``levels`` (default: all the backbone computes) and, with ``patch``
+    (keyword arguments of :meth:`PatchLayout.for_backbone`: grid, n_channels, seed),
+    patch features too.
+    """
     model = worker_backbone(backbone)
+    levels = model.levels if levels is None else tuple(levels)
+    layout = None if patch is None else PatchLayout.for_backbone(model, **patch).to_dict()
     store = FeatureStore.create(
         url,
         records,
-        model.levels,
-        model.level_dims,
+        levels,
+        [model.level_dims[model.levels.index(level)] for level in levels],
         shard_size=shard_size,
         augment_passes=augment_passes,
         config={"backbone": backbone.name, **config},
+        patch_layout=layout,
     )
     return store.pending_shards()
 

@@ -1,0 +1,114 @@
+"""Training with the patch-level model and configuration selection, through the registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from gaussian_ad.images import mvtec_manifest
+from gaussian_ad.metrics import auroc, pixel_auroc
+from gaussian_ad.patch import load_masks
+from gaussian_ad.registry import load_detector
+from gaussian_ad.selection import Selection
+from gaussian_ad.store import FeatureStore
+
+CATEGORY = "weave"
+NAME = f"gaussian-ad-{CATEGORY}"
+
+
+@pytest.fixture(scope="module")
+def trained(small_dataset, prefect_harness, mlflow_uri, tmp_path_factory) -> dict:
+    """One training run with the patch model and the selection on synthetic defects."""
+    from flows.train import train
+
+    home = tmp_path_factory.mktemp("home")
+    result = train(
+        str(small_dataset),
+        CATEGORY,
+        shard_size=16,
+        home=str(home),
+        patch=True,
+        select=True,
+        select_per_kind=3,
+    )
+    return {**result, "home": str(home)}
+
+
+def test_selection_is_logged_with_the_version_and_reloadable(trained, mlflow_uri):
+    client = MlflowClient(mlflow_uri)
+    version = client.get_model_version(NAME, trained["version"])
+    selection = trained["selection"]
+    assert json.loads(version.tags["selection"]) == selection["best"]
+    assert version.tags["score"] == selection["best"]["score"] == trained["score"]
+    assert len(json.loads(version.tags["selection_results"])) == len(selection["results"])
+    run = client.get_run(trained["run_id"])
+    logged = [k for k in run.data.metrics if k.startswith("select_auroc_")]
+    assert len(logged) == len(selection["results"]) >= 9
+    local = mlflow.artifacts.download_artifacts(f"runs:/{trained['run_id']}/selection.json")
+    reloaded = Selection.from_dict(json.loads(Path(local).read_text()))
+    assert reloaded.to_dict() == selection
+    best_auroc = max(value for _, value in reloaded.results)
+    assert dict((c, v) for c, v in reloaded.results)[reloaded.best] == best_auroc
+
+
+def test_patch_metrics_reach_the_run(trained, mlflow_uri):
+    metrics = MlflowClient(mlflow_uri).get_run(trained["run_id"]).data.metrics
+    assert metrics["pixel_auroc"] >= 0.9
+    assert 0.0 < metrics["pro"] <= 1.0
+    best_part = max(metrics["auroc_image"], metrics["auroc_patch"])
+    assert metrics["auroc_fused"] >= best_part - 0.01
+    assert metrics["auroc"] == pytest.approx(metrics[f"auroc_{trained['score']}"])
+
+
+def test_registry_model_reproduces_scores_and_maps(trained, small_dataset, mlflow_uri):
+    records = mvtec_manifest(small_dataset, CATEGORY, splits=("test",))
+    paths = [r.path for r in records]
+    detector = load_detector(f"models:/{NAME}/{trained['version']}")
+    result = detector.score(paths, maps=True)
+    assert len(result.index) == len(paths)
+    # The flow computed its metrics from stored features; the registered model, from files.
+    metrics = MlflowClient(mlflow_uri).get_run(trained["run_id"]).data.metrics
+    labels = np.array([r.label for r in records])
+    assert auroc(labels, result.patch_scores) == pytest.approx(metrics["auroc_patch"], abs=1e-9)
+    assert auroc(labels, result.scores) == pytest.approx(metrics["auroc"], abs=1e-9)
+    masks = load_masks([r.mask for r in records], result.maps.shape[-1])
+    assert pixel_auroc(masks, result.maps) == pytest.approx(metrics["pixel_auroc"], abs=1e-4)
+    store = FeatureStore.open(trained["store"])
+    rows = np.flatnonzero(store.manifest["split"].to_numpy() == "test")
+    _, stored_maps = detector.patch_model_.anomaly_maps(store.read_patches(rows), 224)
+    np.testing.assert_allclose(result.maps, stored_maps, rtol=1e-3, atol=1e-3)
+    # The pyfunc wrapper gives the same scores.
+    table = mlflow.pyfunc.load_model(f"models:/{NAME}/{trained['version']}").predict(paths[:5])
+    np.testing.assert_allclose(table["score"], result.scores[:5], rtol=1e-6)
+    np.testing.assert_allclose(table["patch_score"], result.patch_scores[:5], rtol=1e-6)
+    assert table["is_anomaly"].tolist() == (result.scores[:5] > detector.threshold_).tolist()
+
+
+def test_scoring_flow_writes_maps_of_the_anomalous_images(trained, small_dataset, tmp_path):
+    from flows.score import score
+
+    folder = small_dataset / CATEGORY / "test"
+    out = tmp_path / "scores"
+    model = f"models:/{NAME}/{trained['version']}"
+    summary = score(
+        str(folder), model=model, out=str(out), shard_size=8, maps=True, home=trained["home"]
+    )
+    table = pd.concat(pd.read_parquet(p) for p in (out / "scores").glob("part-*.parquet"))
+    anomalous = table[table["is_anomaly"]]
+    assert len(anomalous) >= 1 and summary["maps_written"] == len(anomalous)
+    written = sorted((out / "maps").rglob("*.png"))
+    assert len(written) == len(anomalous)
+    assert set(anomalous["map"]) == {str(p.relative_to(out)) for p in written}
+    assert (table.loc[~table["is_anomaly"], "map"] == "").all()
+    for name, map_file in zip(anomalous["path"], anomalous["map"], strict=True):
+        with Image.open(out / map_file) as overlay, Image.open(name) as image:
+            assert overlay.size == image.size
+    assert {"image_score", "patch_score"} <= set(table.columns)
+    assert not list(folder.rglob("*.png.png"))  # nothing written next to the sources
