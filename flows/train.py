@@ -66,6 +66,7 @@ def train(
     score: str = "image",
     select: bool = False,
     select_per_kind: int = DEFAULT_N_PER_KIND,
+    select_grid: list[dict[str, Any]] | None = None,
     patch_grid: int | None = None,
     patch_channels: int = DEFAULT_N_CHANNELS,
     weights: str | None = None,
@@ -88,7 +89,8 @@ def train(
     AUROC and PRO where masks exist); ``score`` ("image", "patch", "fused") is the score
     that ranks and thresholds images; ``select`` first chooses levels, reduction and score
     on synthetic defects made from the held-out fold (see gaussian_ad.selection) and logs
-    every candidate's validation AUROC.
+    every candidate's validation AUROC (``select_grid``: candidates as dicts of levels,
+    reduction, score; default :data:`gaussian_ad.selection.DEFAULT_GRID`).
     """
     if score not in SCORE_KINDS:
         raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
@@ -106,6 +108,11 @@ def train(
         if not new_images:
             raise ValueError("incremental_from needs new_images (a folder of new normal images)")
         champion = load_detector(incremental_from)
+        if champion.reduction is not None:
+            raise ValueError(
+                f"{incremental_from} uses reduction {champion.reduction!r}: incremental "
+                "retraining merges raw statistics and needs reduction=None; retrain in full"
+            )
         backbone, levels = champion.backbone, ",".join(map(str, champion.levels))
         weights, pretrained = champion.weights, champion.pretrained
         patch, score = champion.patch, champion.score_kind
@@ -120,7 +127,12 @@ def train(
     selection = None
     if select:
         selection = select_task.submit(
-            [r.path for r in fit_records], [r.path for r in held], config, select_per_kind, seed
+            [r.path for r in fit_records],
+            [r.path for r in held],
+            config,
+            select_per_kind,
+            seed,
+            select_grid,
         ).result()
         best = selection["best"]
         print(f"[{category}] selected {best} of {len(selection['results'])} candidates")

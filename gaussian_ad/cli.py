@@ -333,6 +333,15 @@ def train(
     levels: LevelsOpt = "1-9",
     reduction: ReductionOpt = "none",
     augment_passes: Annotated[int, typer.Option(help="K random augmentation passes")] = 0,
+    patch: Annotated[
+        bool, typer.Option(help="also fit the patch-level model: anomaly maps, pixel AUROC")
+    ] = False,
+    score: Annotated[
+        str, typer.Option(help="score that ranks images: image, patch or fused")
+    ] = "image",
+    select: Annotated[
+        bool, typer.Option(help="choose levels, reduction and score on synthetic defects first")
+    ] = False,
     dask_address: Annotated[
         str | None, typer.Option(envvar="GAUSSIAN_AD_DASK_ADDRESS", help="Dask scheduler")
     ] = None,
@@ -345,6 +354,9 @@ def train(
         "levels": levels,
         "reduction": None if reduction.lower() == "none" else reduction.lower(),
         "augment_passes": augment_passes,
+        "patch": patch,
+        "score": score,
+        "select": select,
     }
     train_all(str(data_root), category or None, dask_address, options)
 
@@ -358,11 +370,16 @@ def score_archive(
         str | None, typer.Option(help="use models:/gaussian-ad-CATEGORY@champion")
     ] = None,
     shard_size: Annotated[int, typer.Option(help="images per shard")] = 256,
+    maps: Annotated[
+        bool, typer.Option(help="write anomaly-map overlays of the images above the threshold")
+    ] = False,
 ) -> None:
     """Run the scoring flow over an archive; a rerun skips finished shards."""
     from flows.score import score as score_flow
 
-    score_flow(source, model=model, category=category, out=str(out), shard_size=shard_size)
+    score_flow(
+        source, model=model, category=category, out=str(out), shard_size=shard_size, maps=maps
+    )
 
 
 @app.command()

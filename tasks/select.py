@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import task
 
-from gaussian_ad.selection import select_configuration
+from gaussian_ad.selection import DEFAULT_GRID, Candidate, select_configuration
 from tasks.extract import BackboneConfig, worker_backbone
 
 
@@ -18,8 +18,9 @@ def select_task(
     backbone: BackboneConfig,
     n_per_kind: int,
     seed: int,
+    grid: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Rank the default grid's candidates by validation AUROC; the selection as a dict.
+    """Rank the candidates (default: DEFAULT_GRID) by validation AUROC; the selection as a dict.
 
     The backbone computes every level (the grid's and the patch levels), whatever the
     levels of ``backbone``.
@@ -29,6 +30,7 @@ def select_task(
         fit_paths,
         heldout_paths,
         model,
+        DEFAULT_GRID if grid is None else [Candidate.from_dict(c) for c in grid],
         n_per_kind=n_per_kind,
         seed=seed,
         batch_size=backbone.batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -37,6 +38,12 @@ def trained(small_dataset, prefect_harness, mlflow_uri, tmp_path_factory) -> dic
         patch=True,
         select=True,
         select_per_kind=3,
+        select_grid=[
+            {"levels": "1-9", "reduction": None, "score": "image"},
+            {"levels": "6-8", "reduction": None, "score": "image"},
+            {"levels": "1-9", "reduction": None, "score": "fused"},
+            {"levels": None, "reduction": None, "score": "patch"},
+        ],
     )
     return {**result, "home": str(home)}
 
@@ -50,7 +57,7 @@ def test_selection_is_logged_with_the_version_and_reloadable(trained, mlflow_uri
     assert len(json.loads(version.tags["selection_results"])) == len(selection["results"])
     run = client.get_run(trained["run_id"])
     logged = [k for k in run.data.metrics if k.startswith("select_auroc_")]
-    assert len(logged) == len(selection["results"]) >= 9
+    assert len(logged) == len(selection["results"]) == 4
     local = mlflow.artifacts.download_artifacts(f"runs:/{trained['run_id']}/selection.json")
     reloaded = Selection.from_dict(json.loads(Path(local).read_text()))
     assert reloaded.to_dict() == selection
@@ -112,3 +119,29 @@ def test_scoring_flow_writes_maps_of_the_anomalous_images(trained, small_dataset
             assert overlay.size == image.size
     assert {"image_score", "patch_score"} <= set(table.columns)
     assert not list(folder.rglob("*.png.png"))  # nothing written next to the sources
+
+
+def test_incremental_retraining_merges_into_the_patch_model(
+    trained, small_dataset, tmp_path, mlflow_uri
+):
+    from flows.train import train
+
+    new_images = tmp_path / "new"
+    new_images.mkdir()
+    for record in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))[:4]:
+        shutil.copy(record.path, new_images / f"new_{Path(record.path).name}")
+    base_uri = f"models:/{NAME}/{trained['version']}"
+    result = train(
+        str(small_dataset),
+        CATEGORY,
+        shard_size=16,
+        home=trained["home"],
+        incremental_from=base_uri,
+        new_images=str(new_images),
+    )
+    base, merged = load_detector(base_uri), load_detector(f"models:/{NAME}/{result['version']}")
+    assert merged.patch_model_.n_samples_ == base.patch_model_.n_samples_ + 4
+    assert merged.fitted_model().n_samples_ == base.fitted_model().n_samples_ + 4
+    assert merged.patch_model_.layout_ == base.patch_model_.layout_
+    assert (merged.score_kind, merged.levels) == (base.score_kind, base.levels)
+    assert MlflowClient(mlflow_uri).get_run(result["run_id"]).data.metrics["pixel_auroc"] >= 0.9

@@ -13,7 +13,8 @@ from gaussian_ad.detector import Detector
 from gaussian_ad.extraction import augmented_moments, create_store, extract_shard
 from gaussian_ad.gaussian import GaussianAD
 from gaussian_ad.images import mvtec_manifest
-from gaussian_ad.outofcore import fit_store
+from gaussian_ad.outofcore import fit_store, patch_moments
+from gaussian_ad.patch import PatchGaussian, PatchLayout, fit_patch
 from gaussian_ad.store import FeatureStore
 
 LEVELS = (3, 6, 9)
@@ -115,3 +116,20 @@ def test_cli_extract_then_fit_store_equals_cli_fit(tmp_path, small_dataset):
         a.fitted_model().precisions_, b.fitted_model().precisions_, strict=True
     ):
         assert rel_err(ours, reference) < 1e-6
+
+
+def test_extraction_with_a_patch_layout_matches_in_memory_patch_fit(tmp_path, train_records):
+    backbone = load_backbone("lite0", (3, 4, 5, 9))
+    layout = PatchLayout.for_backbone(backbone, n_channels=20, seed=1)
+    url = str(tmp_path / "patch.zarr")
+    store = create_store(url, train_records, backbone, shard_size=9, patch_layout=layout)
+    assert store.levels == [3, 4, 5, 9] and store.patch_layout == layout.to_dict()
+    for shard in store.pending_shards():
+        extract_shard(store, shard, backbone)
+    model = PatchGaussian()
+    model.layout_ = layout
+    model.fit_moments(patch_moments(store))
+    reference, pooled = fit_patch(backbone, [r.path for r in train_records], layout=layout)
+    assert rel_err(model.means_, reference.means_) < 1e-5
+    assert rel_err(model.precisions_, reference.precisions_) < 1e-4
+    np.testing.assert_allclose(store.read_level(9), pooled.levels[3], rtol=1e-5, atol=1e-5)

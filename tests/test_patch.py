@@ -207,3 +207,47 @@ def test_pixel_auroc_on_synthetic_data(synthetic_results):
 def test_fusion_does_not_lose_to_the_better_score(synthetic_results):
     for category, result in synthetic_results.items():
         assert result["fused"] >= max(result["image"], result["patch"]) - 0.01, (category, result)
+
+
+def test_detector_with_patch_model_round_trips_scores_maps_and_threshold(small_dataset, tmp_path):
+    from gaussian_ad.detector import Detector, patch_path
+
+    train, test = split_records(mvtec_manifest(small_dataset, "grain"))
+    paths = [r.path for r in train]
+    detector = Detector("lite0", "7-9", patch=True, score="fused", patch_channels=40)
+    with pytest.raises(ValueError, match="standardiser"):
+        detector.fit(paths[:15]).score([r.path for r in test[:2]])
+    detector.calibrate(paths[15:], target_fpr=0.2)
+    assert detector.backbone_levels == (3, 4, 5, 7, 8, 9)
+    result = detector.score([r.path for r in test], maps=True)
+    assert result.maps.shape == (len(test), 224, 224)
+    assert result.level_scores.shape == (len(test), 3)
+    standardizer = detector.standardizer_
+    np.testing.assert_allclose(
+        result.scores, fuse(result.image_scores, result.patch_scores, standardizer)
+    )
+    np.testing.assert_array_equal(result.is_anomaly, result.scores > detector.threshold_)
+    np.testing.assert_allclose(result.patch_scores, result.maps.reshape(len(test), -1).max(1))
+    saved = detector.save(tmp_path / "det.safetensors")
+    assert patch_path(saved).is_file()
+    loaded = Detector.load(saved)
+    assert loaded.config() == detector.config() and loaded.threshold_ == detector.threshold_
+    again = loaded.score([r.path for r in test], maps=True)
+    np.testing.assert_allclose(again.scores, result.scores, rtol=1e-12)  # refitted from the sums
+    np.testing.assert_allclose(again.maps, result.maps, rtol=1e-6)
+    patch_path(saved).unlink()
+    with pytest.raises(FileNotFoundError, match="patch-level model"):
+        Detector.load(saved)
+
+
+def test_detector_without_patch_model_refuses_maps_and_patch_scores():
+    from gaussian_ad.detector import Detector
+
+    with pytest.raises(ValueError, match="patch=True"):
+        Detector("lite0", score="fused")
+    with pytest.raises(ValueError, match="score must be one of"):
+        Detector("lite0", score="max")
+    detector = Detector("lite0", "9")
+    detector.model_ = GaussianAD().fit([np.random.default_rng(0).normal(size=(20, 1280))])
+    with pytest.raises(ValueError, match="patch-level model"):
+        detector.score([np.zeros((32, 32, 3), np.uint8)], maps=True)

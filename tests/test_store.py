@@ -7,7 +7,8 @@ from sklearn.covariance import LedoitWolf
 
 from gaussian_ad.gaussian import GaussianAD
 from gaussian_ad.images import ImageError, ImageRecord
-from gaussian_ad.outofcore import fit_store
+from gaussian_ad.outofcore import fit_store, patch_moments
+from gaussian_ad.patch import PatchGaussian
 from gaussian_ad.store import FeatureStore
 
 
@@ -123,3 +124,42 @@ def test_invalid_rows_are_excluded_and_errors_kept(tmp_path, features):
     assert rel_err(model.precisions_[0], whole.precisions_[0]) < 1e-6
     assert store.errors() == [ImageError("img0105.png", "truncated")]
     assert store.full_manifest()["content_hash"].notna().all()
+
+
+def test_patch_fit_from_the_store_equals_per_position_ledoit_wolf(tmp_path):
+    rng = np.random.default_rng(3)
+    n, grid, dim = 90, 3, 5
+    mixing = rng.normal(size=(grid * grid, dim, dim)) / 3
+    patches = np.einsum("npi,pij->npj", rng.normal(size=(n, grid * grid, dim)), mixing) + 1e3
+    patches = patches.astype(np.float32)
+    pooled = [rng.normal(size=(n, 4)).astype(np.float32)]
+    records = [ImageRecord(path=f"img{i:03d}.png", split="train", label=0) for i in range(n)]
+    layout = {"levels": [3, 4, 5], "grid": grid, "channels": list(range(dim))}
+    store = FeatureStore.create(
+        str(tmp_path / "p.zarr"), records, [1], [4], shard_size=16, patch_layout=layout
+    )
+    valid = np.ones(n, bool)
+    valid[[5, 40]] = False  # undecodable rows are left out of the fit
+    selected = np.ones(n, bool)
+    selected[60:] = False  # and so are the rows outside the fit fold
+    for s in range(store.n_shards):
+        rows = store.shard_rows(s)
+        k = rows.stop - rows.start
+        store.write_shard(s, [pooled[0][rows]], valid[rows], ["h"] * k, patches=patches[rows])
+    reopened = FeatureStore.open(store.url)
+    assert reopened.patch_layout == layout
+    np.testing.assert_array_equal(reopened.read_patches(np.array([7, 2])), patches[[7, 2]])
+    moments = patch_moments(reopened, selected)
+    keep = valid & selected
+    assert moments.n == keep.sum()
+    model = PatchGaussian().fit_moments(moments)
+    covariances = model.covariances_
+    for p in range(grid * grid):
+        ref = LedoitWolf().fit(patches[keep, p].astype(np.float64))
+        assert rel_err(model.means_[p], ref.location_) < 1e-6
+        assert rel_err(covariances[p], ref.covariance_) < 1e-6
+        assert rel_err(model.precisions_[p], ref.precision_) < 1e-6
+    with pytest.raises(ValueError, match="patch features must be given"):
+        reopened.write_shard(0, [pooled[0][:16]], valid[:16], ["h"] * 16)
+    with pytest.raises(ValueError, match="patch layout"):
+        FeatureStore.create(store.url, records, [1], [4], shard_size=16)
