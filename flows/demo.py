@@ -1,4 +1,8 @@
-"""The demo: synthetic data -> train_all -> registered models -> score a tar archive."""
+"""The demo: synthetic data -> train_all -> registered models -> score a tar archive.
+
+The models include the patch-level one, so the reports show anomaly maps and the
+scoring writes the overlays of the images above the threshold.
+"""
 
 from __future__ import annotations
 
@@ -35,21 +39,22 @@ def run_demo(out_dir: Path) -> None:
     data_root = out_dir / "data"
     if not data_root.exists():
         make_dataset(data_root)
-    results = train_all(str(data_root))
+    results = train_all(str(data_root), options={"patch": True})
     archive = make_archive(data_root, SCORED_CATEGORY, out_dir / f"{SCORED_CATEGORY}-test.tar")
-    summary = score(str(archive), category=SCORED_CATEGORY, out=str(out_dir / "scores"))
+    summary = score(str(archive), category=SCORED_CATEGORY, out=str(out_dir / "scores"), maps=True)
     parts = sorted((out_dir / "scores" / "scores").glob("part-*.parquet"))
     table = pd.concat([pd.read_parquet(p) for p in parts]).sort_values("score", ascending=False)
 
     print("\n=== trained models ===")
     for r in results:
         alias = "champion" if r["promoted"] else "challenger"
-        print(f"{r['name']:<24} v{r['version']:<3} {alias:<11} AUROC {r['auroc']:.4f}")
+        pixel = f"  pixel AUROC {r['pixel_auroc']:.4f}" if "pixel_auroc" in r else ""
+        print(f"{r['name']:<24} v{r['version']:<3} {alias:<11} AUROC {r['auroc']:.4f}{pixel}")
     print(
         f"\n=== scored {archive.name}: {summary['scored']} images, "
         f"{summary['anomalies']} anomalous, {summary['errors']} errors ==="
     )
-    columns = ["path", "score", "is_anomaly", "model_version"]
+    columns = ["path", "score", "patch_score", "is_anomaly", "map"]
     print(table[columns].head(10).to_string(index=False))
     print("\n=== look at it ===")
     print(
@@ -60,4 +65,4 @@ def run_demo(out_dir: Path) -> None:
         f"Prefect UI: PREFECT_HOME={work_dir() / 'prefect'} .venv/bin/prefect server start"
         "   # then http://127.0.0.1:4200"
     )
-    print(f"Scores:     {out_dir / 'scores'}")
+    print(f"Scores:     {out_dir / 'scores'}   (anomaly-map overlays under maps/)")

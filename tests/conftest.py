@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ["DO_NOT_TRACK"] = "true"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -12,6 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from gaussian_ad.images import mvtec_manifest  # noqa: E402
 from gaussian_ad.synthetic import make_dataset  # noqa: E402
 from tests.services import mlflow_server, stop  # noqa: E402
 
@@ -51,3 +53,11 @@ def mlflow_uri(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def copy_new_normals(dataset: Path, category: str, n: int, folder: Path) -> Path:
+    """A folder of ``n`` "new" normal images: copies of the category's first train images."""
+    folder.mkdir()
+    for record in mvtec_manifest(dataset, category, splits=("train",))[:n]:
+        shutil.copy(record.path, folder / f"new_{Path(record.path).name}")
+    return folder

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from gaussian_ad.detector import Detector
 from gaussian_ad.images import mvtec_manifest
 from gaussian_ad.registry import load_detector
+from tests.conftest import copy_new_normals
 
 CATEGORY = "disc"
 NAME = f"gaussian-ad-{CATEGORY}"
@@ -156,10 +157,7 @@ def test_incremental_retraining_merges_new_images_into_the_champion(
 ):
     from flows.train import train
 
-    new_images = tmp_path / "new"
-    new_images.mkdir()
-    for record in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))[:6]:
-        shutil.copy(record.path, new_images / f"new_{Path(record.path).name}")
+    new_images = copy_new_normals(small_dataset, CATEGORY, 6, tmp_path / "new")
     champion = load_detector(f"models:/{NAME}@champion")
     result = train(
         str(small_dataset),

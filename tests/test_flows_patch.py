@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -19,6 +18,7 @@ from gaussian_ad.patch import load_masks
 from gaussian_ad.registry import load_detector
 from gaussian_ad.selection import Selection
 from gaussian_ad.store import FeatureStore
+from tests.conftest import copy_new_normals
 
 CATEGORY = "weave"
 NAME = f"gaussian-ad-{CATEGORY}"
@@ -126,10 +126,7 @@ def test_incremental_retraining_merges_into_the_patch_model(
 ):
     from flows.train import train
 
-    new_images = tmp_path / "new"
-    new_images.mkdir()
-    for record in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))[:4]:
-        shutil.copy(record.path, new_images / f"new_{Path(record.path).name}")
+    new_images = copy_new_normals(small_dataset, CATEGORY, 4, tmp_path / "new")
     base_uri = f"models:/{NAME}/{trained['version']}"
     result = train(
         str(small_dataset),
