@@ -6,7 +6,7 @@ import os
 import re
 import time
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import mlflow
@@ -33,8 +33,8 @@ def worker_detector(
 def map_path(shard: int, position: int, name: str) -> str:
     """Where an image's anomaly-map overlay goes, relative to the output folder:
     ``maps/part-<shard>/<position>-<file name>.png`` (never outside it, whatever the name)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("\\", "/").rsplit("/", 1)[-1])
-    return f"maps/part-{shard:05d}/{position:05d}-{stem}.png"
+    stem = PurePosixPath(name.replace("\\", "/")).stem
+    return f"maps/part-{shard:05d}/{position:05d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)}.png"
 
 
 def write_overlay(detector: Detector, content: Any, anomaly_map: np.ndarray, path: Path) -> None:
