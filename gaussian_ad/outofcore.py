@@ -66,12 +66,9 @@ def _chunk_patch_moments(url: str, rows: slice, selected: np.ndarray | None) -> 
 
 
 def _merge(*parts: Moments | BatchMoments | None) -> Moments | BatchMoments | None:
+    """The sum of the partials that exist (None: a chunk or group without rows)."""
     present = [part for part in parts if part is not None]
     return functools.reduce(operator.add, present) if present else None
-
-
-def _add(a: Moments | BatchMoments | None, b: Moments | BatchMoments | None):
-    return _merge(a, b)
 
 
 def tree_sum(parts: list[Delayed], split_every: int = 8) -> Delayed:
@@ -96,7 +93,7 @@ def chain_sum(parts: list[Delayed], chains: int, split_every: int = 8) -> Delaye
         raise ValueError("no partial statistics to merge")
     heads = parts[:chains]
     for i, part in enumerate(parts[chains:]):
-        heads[i % chains] = dask.delayed(_add)(heads[i % chains], part)
+        heads[i % chains] = dask.delayed(operator.add)(heads[i % chains], part)
     return tree_sum(heads, split_every)
 
 
