@@ -210,7 +210,7 @@ class Detector:
 
     def calibrate_scores(
         self,
-        image_scores: np.ndarray | None,
+        image_scores: np.ndarray,
         patch_scores: np.ndarray | None,
         target_fpr: float = 0.01,
     ) -> np.ndarray:
