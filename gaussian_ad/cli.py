@@ -30,19 +30,25 @@ BatchOpt = Annotated[int, typer.Option(help="images per forward pass")]
 WorkersOpt = Annotated[int, typer.Option(help="decoding threads")]
 
 
-def _detector(backbone, levels, reduction, variance_threshold, weights, device, batch, workers):
+def _detector(
+    backbone, levels, reduction, variance_threshold, weights, device, batch, workers, **options
+):
     from gaussian_ad.detector import Detector
 
-    return Detector(
-        backbone=backbone,
-        levels=levels,
-        reduction=None if reduction.lower() == "none" else reduction.lower(),
-        variance_threshold=variance_threshold,
-        weights=weights,
-        device=device,
-        batch_size=batch,
-        workers=workers,
-    )
+    try:
+        return Detector(
+            backbone=backbone,
+            levels=levels,
+            reduction=None if reduction.lower() == "none" else reduction.lower(),
+            variance_threshold=variance_threshold,
+            weights=weights,
+            device=device,
+            batch_size=batch,
+            workers=workers,
+            **options,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
 
 
 def _report_errors(errors) -> None:
@@ -135,16 +141,29 @@ def fit(
     levels: LevelsOpt = "1-9",
     reduction: ReductionOpt = "none",
     variance_threshold: VarianceOpt = 0.99,
+    patch: Annotated[
+        bool, typer.Option(help="also the patch-level model (anomaly maps); holds out 1/5")
+    ] = False,
+    score: Annotated[str, typer.Option(help="image, patch or fused (needs --patch)")] = "image",
+    target_fpr: Annotated[
+        float, typer.Option(help="with --patch: threshold at this FPR on the held-out fifth")
+    ] = 0.01,
     weights: WeightsOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
 ) -> None:
-    """Fit on normal images (MVTec train/good of CATEGORY, a folder, or a feature store)."""
+    """Fit on normal images (MVTec train/good of CATEGORY, a folder, or a feature store).
+
+    With --patch, 4/5 of the images fit both models and the other fifth calibrates the
+    threshold and the fused score's standardisation.
+    """
     from gaussian_ad.images import folder_manifest, mvtec_manifest
 
     if (data_root is None) == (store is None):
         raise typer.BadParameter("give DATA_ROOT or --store (not both)")
+    if patch and store is not None:
+        raise typer.BadParameter("--patch fits from images; with a store use `train --patch`")
     if store is not None:
         from gaussian_ad.outofcore import fit_store
         from gaussian_ad.store import FeatureStore
@@ -153,7 +172,16 @@ def fit(
         backbone = feature_store.config.get("backbone", backbone)
         levels = ",".join(map(str, feature_store.levels))
     detector = _detector(
-        backbone, levels, reduction, variance_threshold, weights, device, batch_size, workers
+        backbone,
+        levels,
+        reduction,
+        variance_threshold,
+        weights,
+        device,
+        batch_size,
+        workers,
+        patch=patch,
+        score=score,
     )
     if store is not None:
         detector.model_ = fit_store(feature_store, detector.reduction, variance_threshold)
@@ -163,7 +191,14 @@ def fit(
             paths = [r.path for r in mvtec_manifest(data_root, category, splits=("train",))]
         else:
             paths = [r.path for r in folder_manifest([data_root])]
-        detector.fit(paths, progress=True)
+        if patch:
+            from gaussian_ad.evaluation import holdout_split
+
+            fit_idx, held_idx = holdout_split(len(paths))
+            detector.fit([paths[i] for i in fit_idx], progress=True)
+            detector.calibrate([paths[i] for i in held_idx], target_fpr, progress=True)
+        else:
+            detector.fit(paths, progress=True)
         _report_errors(detector.errors_)
     detector.save(out)
     model = detector.fitted_model()
@@ -181,6 +216,10 @@ def score(
     threshold: Annotated[
         float | None, typer.Option(help="flag scores above this (default: the model's)")
     ] = None,
+    maps: Annotated[
+        Path | None,
+        typer.Option(help="write anomaly-map overlays of the flagged images to this folder"),
+    ] = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
@@ -188,14 +227,19 @@ def score(
     """Score images with a saved model: path, score, per-level scores, is_anomaly."""
     from gaussian_ad.detector import Detector
     from gaussian_ad.images import folder_manifest
+    from gaussian_ad.overlays import write_overlays
     from gaussian_ad.tables import score_table, write_table
 
     detector = Detector.load(model, device=device, batch_size=batch_size, workers=workers)
     if threshold is not None:
         detector.threshold_ = threshold
     files = [r.path for r in folder_manifest(paths)]
-    result = detector.score(files, progress=True)
+    result = detector.score(files, progress=True, maps=maps is not None)
     table = score_table([files[i] for i in result.index], result, detector.levels)
+    if maps is not None:
+        written = write_overlays(result, files, files, maps, ".", detector.standardizer_)
+        table["map"] = [str(maps / written[i]) if i in written else "" for i in result.index]
+        typer.echo(f"wrote {len(written)} overlay(s) to {maps}")
     if out is None:
         typer.echo(table.to_string(index=False))
     else:

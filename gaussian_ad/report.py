@@ -19,16 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from gaussian_ad.overlays import overlay
 from gaussian_ad.thresholds import observed_rate
 
 FIGURE_DPI = 100
-MAP_ALPHA = 0.5
 THRESHOLD_COLORS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 CSS = """
@@ -358,16 +357,3 @@ def _thumbnail(
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
-
-
-def overlay(
-    image: Image.Image, anomaly_map: np.ndarray, value_range: tuple[float, float]
-) -> Image.Image:
-    """``image`` with its anomaly map resized onto it, coloured (jet) from ``value_range``
-    (low: transparent blue, high: red) and blended at ``MAP_ALPHA``."""
-    low, high = value_range
-    heat = Image.fromarray(np.nan_to_num(np.asarray(anomaly_map, np.float32), nan=low))
-    heat = np.asarray(heat.resize(image.size, Image.Resampling.BILINEAR))
-    normalised = np.clip((heat - low) / max(high - low, 1e-12), 0.0, 1.0)
-    colored = (colormaps["jet"](normalised)[..., :3] * 255).astype(np.uint8)
-    return Image.blend(image.convert("RGB"), Image.fromarray(colored), MAP_ALPHA)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import re
 import time
 from functools import lru_cache
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -14,9 +12,9 @@ import numpy as np
 from prefect import task
 
 from gaussian_ad.detector import Detector
-from gaussian_ad.images import ImageError, load_rgb
+from gaussian_ad.images import ImageError
+from gaussian_ad.overlays import write_overlays
 from gaussian_ad.registry import load_detector
-from gaussian_ad.report import overlay
 from gaussian_ad.sources import SourceItem, list_source, read_items
 from gaussian_ad.tables import error_table, score_table, write_table
 
@@ -28,31 +26,6 @@ def worker_detector(
     """The model, loaded once per worker process and reused by every shard."""
     mlflow.set_tracking_uri(tracking)
     return load_detector(model_uri, device=device, batch_size=batch_size, workers=workers)
-
-
-def map_path(shard: int, position: int, name: str) -> str:
-    """Where an image's anomaly-map overlay goes, relative to the output folder:
-    ``maps/part-<shard>/<position>-<file name>.png`` (never outside it, whatever the name)."""
-    stem = PurePosixPath(name.replace("\\", "/")).stem
-    return f"maps/part-{shard:05d}/{position:05d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)}.png"
-
-
-def write_overlay(detector: Detector, content: Any, anomaly_map: np.ndarray, path: Path) -> None:
-    """The image with its map overlaid, at the image's size, written atomically.
-
-    The colour scale runs from the held-out normals' mean map maximum (transparent blue)
-    to the larger of this map's maximum and that mean plus three standard deviations
-    (from the map's own minimum for an uncalibrated detector).
-    """
-    normal = detector.standardizer_
-    low = float(anomaly_map.min()) if normal is None else normal.patch_mean
-    spread = 0.0 if normal is None else 3 * normal.patch_std
-    high = max(float(anomaly_map.max()), low + spread)
-    image = overlay(load_rgb(content), anomaly_map, (low, high))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
 
 
 def part_path(out: str, kind: str, shard: int) -> Path:
@@ -81,7 +54,7 @@ def score_shard(
     """Score a shard; its scores part is written last, atomically: the commit point.
 
     With ``maps``, the anomaly-map overlay of every image above the threshold is written
-    first (see :func:`map_path`; the table's ``map`` column names it, relative to ``out``);
+    first, to ``maps/part-<shard>/`` (the table's ``map`` column names it, relative to ``out``);
     this needs a detector with a patch-level model.
     """
     scores_part = part_path(out, "scores", shard)
@@ -106,12 +79,9 @@ def score_shard(
     errors += result.errors
     written = {}
     if maps:
-        for row in np.flatnonzero(result.is_anomaly):
-            position = int(result.index[row])
-            written[position] = map_path(shard, position, names[position])
-            write_overlay(
-                detector, contents[position], result.maps[row], Path(out) / written[position]
-            )
+        written = write_overlays(
+            result, contents, names, out, f"maps/part-{shard:05d}", detector.standardizer_
+        )
     table = score_table([names[i] for i in result.index], result, detector.levels)
     table["model_name"] = model_name
     table["model_version"] = model_version

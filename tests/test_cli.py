@@ -60,3 +60,44 @@ def test_evaluate_patch_reports_pixel_metrics(small_dataset, tmp_path):
     (row,) = json.loads(out.read_text())["categories"]
     assert row["pixel_auroc"] >= 0.9 and row["pro"] > 0.5
     assert row["auroc_fused"] >= max(row["auroc_image"], row["auroc_patch"]) - 0.01
+
+
+def test_fit_patch_fused_then_score_writes_overlays_of_flagged_images(small_dataset, tmp_path):
+    model = tmp_path / "weave.safetensors"
+    out = invoke(
+        "fit",
+        small_dataset,
+        "--category",
+        "weave",
+        "--levels",
+        "7-9",
+        "--patch",
+        "--score",
+        "fused",
+        "--target-fpr",
+        "0.05",
+        "--out",
+        model,
+    )
+    assert "fitted on 20 images" in out  # 4/5 of 25: the other fifth calibrates
+    maps, scores = tmp_path / "maps", tmp_path / "scores.parquet"
+    invoke("score", model, small_dataset / "weave" / "test", "--out", scores, "--maps", maps)
+    table = pd.read_parquet(scores)
+    flagged = table[table["is_anomaly"]]
+    assert len(flagged) >= 1 and {"image_score", "patch_score"} <= set(table.columns)
+    assert sorted(flagged["map"]) == sorted(str(p) for p in maps.glob("*.png"))
+    assert (table.loc[~table["is_anomaly"], "map"] == "").all()
+    result = runner.invoke(
+        app,
+        [
+            "fit",
+            str(small_dataset),
+            "--category",
+            "weave",
+            "--score",
+            "fused",
+            "--out",
+            str(tmp_path / "x.safetensors"),
+        ],
+    )
+    assert result.exit_code != 0 and "patch=True" in result.output
