@@ -5,6 +5,7 @@ version, challenger/champion aliases."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -142,15 +143,7 @@ def train(
     patch = patch or score != "image"
     image_levels = parse_levels(levels, BACKBONES[backbone].n_levels)
     patch_levels = default_patch_levels(BACKBONES[backbone]) if patch else ()
-    config = BackboneConfig(
-        backbone,
-        tuple(sorted(set(image_levels) | set(patch_levels))),
-        weights,
-        pretrained,
-        device,
-        batch_size,
-        workers,
-    )
+    config = replace(config, levels=tuple(sorted(set(image_levels) | set(patch_levels))))
     patch_options = {"grid": patch_grid, "n_channels": patch_channels, "seed": seed}
     rows, passes, index = _store_rows(fit_records, held, test, augment_passes)
     level_tag = "-".join(map(str, image_levels))

@@ -25,6 +25,7 @@ from gaussian_ad.patch import (
     DEFAULT_N_CHANNELS,
     PatchGaussian,
     PatchLayout,
+    PatchScores,
     default_patch_levels,
     fit_patch,
     score_patch,
@@ -197,15 +198,9 @@ class Detector:
         self, heldout: Sequence[ImageSource], target_fpr: float = 0.01, progress: bool = False
     ) -> Self:
         """Fit the fused score's standardiser and set ``threshold_`` on held-out normals."""
-        model, patch_scores = self.fitted_model(), None
-        if self.patch_model_ is None:
-            pooled = self.features(heldout, progress=progress).levels
-        else:
-            result = score_patch(
-                self.backbone_module(), self.patch_model_, heldout, **self._stream(None, progress)
-            )
-            pooled, patch_scores = self._image_levels(result.pooled), result.scores
-        self.calibrate_scores(model.anomaly_scores(pooled), patch_scores, target_fpr)
+        features, patch = self._forward(heldout, None, progress)
+        image_scores = self.fitted_model().anomaly_scores(features.levels)
+        self.calibrate_scores(image_scores, None if patch is None else patch.scores, target_fpr)
         return self
 
     def calibrate_scores(
@@ -252,21 +247,27 @@ class Detector:
         With a patch model, ``maps=True`` also returns the anomaly maps (at the
         backbone's input size; about 200 kB an image at 224 px).
         """
+        if maps and self.patch_model_ is None:
+            raise ValueError("anomaly maps need the patch-level model (patch=True)")
+        features, patch = self._forward(sources, names, progress)
+        return self.score_features(
+            features.levels,
+            features.index,
+            features.errors,
+            patch_scores=None if patch is None else patch.scores,
+            maps=patch.maps if maps else None,
+        )
+
+    def _forward(
+        self, sources: Sequence[ImageSource], names: Sequence[str] | None, progress: bool
+    ) -> tuple[Features, PatchScores | None]:
+        """One backbone pass: the image-level features and, with a patch model, its results."""
         if self.patch_model_ is None:
-            if maps:
-                raise ValueError("anomaly maps need the patch-level model (patch=True)")
-            features = self.features(sources, names, progress=progress)
-            return self.score_features(features.levels, features.index, features.errors)
+            return self.features(sources, names, progress), None
         result = score_patch(
             self.backbone_module(), self.patch_model_, sources, **self._stream(names, progress)
         )
-        return self.score_features(
-            self._image_levels(result.pooled),
-            result.index,
-            result.errors,
-            patch_scores=result.scores,
-            maps=result.maps if maps else None,
-        )
+        return Features(self._image_levels(result.pooled), result.index, result.errors), result
 
     def score_features(
         self,

@@ -268,22 +268,17 @@ def evaluate_category_patch(
 
 @dataclass
 class PatchModelEvaluation:
-    """A fitted patch model next to the image-level one: patch and fused scores, pixel
-    metrics where masks exist, and the anomaly maps of the most anomalous test images."""
+    """A fitted patch model next to the image-level one: held-out and test patch scores,
+    patch and fused AUROC, pixel metrics where masks exist, and the anomaly maps of the
+    most anomalous test images."""
 
-    standardizer: Standardizer
     heldout_patch: np.ndarray
     patch_scores: np.ndarray
-    fused_scores: np.ndarray
     auroc_patch: float
     auroc_fused: float
     pixel_auroc: float | None
     pro: float | None
     maps: dict[int, np.ndarray]  # test position -> (S, S) anomaly map
-
-    def chosen(self, kind: str, image_scores: np.ndarray) -> np.ndarray:
-        """The test scores of a score kind ("image", "patch" or "fused")."""
-        return {"image": image_scores, "patch": self.patch_scores, "fused": self.fused_scores}[kind]
 
 
 def evaluate_patch_model(
@@ -325,17 +320,13 @@ def evaluate_patch_model(
     if any(mask_paths):
         masks = load_masks(mask_paths, size)
         pixel, pro = pixel_auroc(masks, maps), pro_auc(masks, maps)
-    result = PatchModelEvaluation(
-        standardizer,
+    ranking = {"image": np.asarray(test_image), "patch": patch_scores, "fused": fused}[rank_by]
+    return PatchModelEvaluation(
         heldout_patch,
         patch_scores,
-        fused,
         auroc(labels, patch_scores),
         auroc(labels, fused),
         pixel,
         pro,
-        {},
+        {int(i): maps[i] for i in np.argsort(-ranking, kind="stable")[:n_maps]},
     )
-    ranking = result.chosen(rank_by, np.asarray(test_image))
-    result.maps = {int(i): maps[i] for i in np.argsort(-ranking, kind="stable")[:n_maps]}
-    return result

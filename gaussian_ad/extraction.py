@@ -17,7 +17,7 @@ import numpy as np
 
 from gaussian_ad.augment import AugmentConfig, SeededAugment
 from gaussian_ad.backbones import Backbone
-from gaussian_ad.features import Features, extract, iter_feature_batches
+from gaussian_ad.features import extract, iter_feature_batches
 from gaussian_ad.images import ImageRecord, file_digest
 from gaussian_ad.moments import Moments
 from gaussian_ad.patch import PatchLayout, iter_patch_feature_batches
@@ -107,10 +107,11 @@ def extract_shard(
         features = extract(backbone, paths, device=device, **stream)
         for full, column in zip(levels, columns, strict=True):
             full[features.index] = features.levels[column]
+        decoded, errors = features.index, features.errors
     else:
         layout = PatchLayout.from_dict(store.patch_layout)
         patches = np.full((n, layout.n_positions, len(layout.channel_index)), np.nan, np.float32)
-        errors, indices = [], [np.empty(0, np.int64)]
+        errors, batches = [], [np.empty(0, np.int64)]
         for index, batch_patches, pooled, batch_errors in iter_patch_feature_batches(
             backbone, layout, paths, device=device, **stream
         ):
@@ -118,21 +119,21 @@ def extract_shard(
             for full, column in zip(levels, columns, strict=True):
                 full[index] = pooled[column]
             errors.extend(batch_errors)
-            indices.append(index)
-        features = Features([], np.concatenate(indices), errors)
+            batches.append(index)
+        decoded = np.concatenate(batches)
     valid = np.zeros(n, dtype=bool)
-    valid[features.index] = True
-    failed = {e.path for e in features.errors}
+    valid[decoded] = True
+    failed = {e.path for e in errors}
     hashes = [None if p in failed else file_digest(p) for p in paths]
     info = {
         "shard": shard,
         "rows": n,
-        "errors": len(features.errors),
+        "errors": len(errors),
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    store.write_shard(shard, levels, valid, hashes, features.errors, info, patches)
+    store.write_shard(shard, levels, valid, hashes, errors, info, patches)
     return {**info, "skipped": False}
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,11 @@ class BatchMoments:
 
     @classmethod
     def from_array(cls, x: np.ndarray, shift: np.ndarray | None = None) -> BatchMoments:
-        """Statistics of ``x`` (n, P, d): set p holds the rows x[:, p]; shift defaults to means."""
+        """Statistics of ``x`` (n, P, d): set p holds the rows x[:, p]; shift defaults to means.
+
+        The P small matrix products run with one BLAS thread, which on a busy machine is
+        an order of magnitude faster than several.
+        """
         x = np.asarray(x)
         if x.ndim != 3 or x.shape[0] == 0:
             raise ValueError(f"expected a non-empty (n, P, d) array, got shape {x.shape}")
@@ -291,12 +296,15 @@ class BatchMoments:
         shift = np.asarray(shift, dtype=np.float64)
         y = x.astype(np.float64).transpose(1, 0, 2) - shift[:, None, :]  # (P, n, d)
         sq = np.einsum("pki,pki->pk", y, y)
+        with threadpool_limits(1, user_api="blas"):
+            sum_yy = y.transpose(0, 2, 1) @ y
+            sum_y2y = _matvec(y.transpose(0, 2, 1), sq)
         return cls(
             n=int(x.shape[0]),
             shift=shift,
             sum_y=y.sum(axis=1),
-            sum_yy=y.transpose(0, 2, 1) @ y,
-            sum_y2y=_matvec(y.transpose(0, 2, 1), sq),
+            sum_yy=sum_yy,
+            sum_y2y=sum_y2y,
             sum_y4=np.einsum("pk,pk->p", sq, sq),
         )
 

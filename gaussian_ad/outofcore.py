@@ -18,7 +18,6 @@ import numpy as np
 import zarr
 from dask.delayed import Delayed
 from distributed import get_worker, worker_client
-from threadpoolctl import threadpool_limits
 
 from gaussian_ad.gaussian import GaussianAD
 from gaussian_ad.moments import BatchMoments, Moments
@@ -30,6 +29,12 @@ def _open_group(url: str) -> zarr.Group:
     return zarr.open_group(url, mode="r")
 
 
+def _chunk_rows(group: zarr.Group, rows: slice, selected: np.ndarray | None) -> np.ndarray:
+    """(rows,) bool: the chunk's rows whose image decoded (and that are selected)."""
+    valid = np.asarray(group["valid"][rows])
+    return valid if selected is None else valid & selected
+
+
 def _chunk_moments(
     url: str,
     level: int,
@@ -39,9 +44,7 @@ def _chunk_moments(
 ) -> Moments:
     """Statistics of one chunk's valid (and selected) rows, optionally projected."""
     group = _open_group(url)
-    valid = np.asarray(group["valid"][rows])
-    if selected is not None:
-        valid &= selected
+    valid = _chunk_rows(group, rows, selected)
     x = np.asarray(group["features"][str(level)][rows])
     if not valid.all():
         x = x[valid]
@@ -55,14 +58,10 @@ def _chunk_moments(
 def _chunk_patch_moments(url: str, rows: slice, selected: np.ndarray | None) -> BatchMoments | None:
     """Per-position statistics of one chunk's valid (and selected) patch rows."""
     group = _open_group(url)
-    valid = np.asarray(group["valid"][rows])
-    if selected is not None:
-        valid &= selected
+    valid = _chunk_rows(group, rows, selected)
     if not valid.any():
         return None
-    x = np.asarray(group["patches"][rows])[valid]
-    with threadpool_limits(1, user_api="blas"):  # many small products: one thread is faster
-        return BatchMoments.from_array(x)
+    return BatchMoments.from_array(np.asarray(group["patches"][rows])[valid])
 
 
 def _merge(*parts: Moments | BatchMoments | None) -> Moments | BatchMoments | None:

@@ -174,7 +174,7 @@ class PatchGaussian:
     # ----------------------------------------------------------------- fitting
     def fit(self, features: np.ndarray) -> Self:
         """Fit on in-memory (n, P, d) features."""
-        return self.fit_moments(batch_moments(features))
+        return self.fit_moments(BatchMoments.from_array(features))
 
     def fit_moments(self, moments: BatchMoments) -> Self:
         """Fit every position's Gaussian from statistics (exactly sklearn's LedoitWolf)."""
@@ -209,7 +209,7 @@ class PatchGaussian:
     def partial_fit(self, features: np.ndarray) -> Self:
         """Merge new normal (n, P, d) features into the statistics and refit (exact)."""
         shift = self.moments_.shift if hasattr(self, "moments_") else None
-        return self.merge_moments(batch_moments(features, shift))
+        return self.merge_moments(BatchMoments.from_array(features, shift))
 
     def merge_moments(self, moments: BatchMoments) -> Self:
         """Merge statistics of new images and refit (or fit, when not fitted yet)."""
@@ -264,12 +264,6 @@ class PatchGaussian:
         model.fit_moments(BatchMoments.from_arrays(arrays, "moments."))
         model.metadata_ = header["metadata"]
         return model
-
-
-def batch_moments(features: np.ndarray, shift: np.ndarray | None = None) -> BatchMoments:
-    """Per-position statistics of (n, P, d) features (one BLAS thread: many small products)."""
-    with threadpool_limits(1, user_api="blas"):
-        return BatchMoments.from_array(features, shift)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -357,7 +351,7 @@ def fit_patch(
     ):
         errors.extend(batch_errors)
         if len(patches):
-            part = batch_moments(patches, None if total is None else total.shift)
+            part = BatchMoments.from_array(patches, None if total is None else total.shift)
             total = part if total is None else total + part
             indices.append(batch_indices)
             pooled.append(batch_pooled)

@@ -75,12 +75,6 @@ class PyfuncDetector:
         table["error"] = [failed.get(name, "") for name in names]
         return table.reset_index(drop=True)
 
-    def anomaly_maps(self, sources: list[Any]) -> dict[str, np.ndarray]:
-        """Anomaly maps (input-size float32) of the images that decoded, by path or index."""
-        result = self.detector.score(sources, maps=True)
-        names = [s if isinstance(s, str) else f"<item {i}>" for i, s in enumerate(sources)]
-        return {names[i]: m for i, m in zip(result.index, result.maps, strict=True)}
-
 
 def _load_pyfunc(data_path: str) -> PyfuncDetector:
     """MLflow's loader hook (``loader_module``): build the model from its data folder."""

@@ -15,12 +15,6 @@ from gaussian_ad.store import FeatureStore
 from tasks.extract import BackboneConfig
 
 
-def _selected(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
-    selected = np.zeros(store.n_rows, dtype=bool)
-    selected[rows] = True
-    return selected
-
-
 @task(name="fit-statistics", retries=1, retry_delay_seconds=5)
 def fit_statistics(
     url: str,
@@ -38,7 +32,8 @@ def fit_statistics(
     between tasks as files, not inside the task graph.
     """
     store = FeatureStore.open(url)
-    selected = _selected(store, fit_rows)
+    selected = np.zeros(store.n_rows, dtype=bool)
+    selected[fit_rows] = True
     if base_path is None:
         model = fit_store(store, reduction, variance_threshold, selected=selected)
     else:

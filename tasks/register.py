@@ -65,14 +65,15 @@ def register_model(
         thresholds = {
             k: v for k, v in evaluation.thresholds.thresholds.items() if k.startswith("empirical")
         }
-        heldout = evaluation.heldout_scores
     else:
         thresholds = {f"{kind} (chosen)": detector.threshold_}
-        heldout = detector.combine(evaluation.heldout_scores, patch.heldout_patch)
+    test_patch, heldout_patch = (
+        (None, None) if patch is None else (patch.patch_scores, patch.heldout_patch)
+    )
     report = ReportData(
         title=f"{category}: {detector.backbone}, levels {list(detector.levels)}, {kind} score",
         labels=labels,
-        scores=evaluation.scores if patch is None else patch.chosen(kind, evaluation.scores),
+        scores=detector.combine(evaluation.scores, test_patch),
         level_scores=evaluation.level_scores,
         levels=list(detector.levels),
         paths=paths,
@@ -80,7 +81,7 @@ def register_model(
         thresholds=thresholds,
         auroc=evaluation.chosen_auroc(kind),
         auroc_levels=evaluation.auroc_levels,
-        heldout_scores=heldout,
+        heldout_scores=detector.combine(evaluation.heldout_scores, heldout_patch),
         params={**detector.config(), **params},
         metrics={**evaluation.summary_metrics(kind), **evaluation.thresholds.metrics},
         maps=None if patch is None else {paths[i]: m for i, m in patch.maps.items()},
