@@ -27,7 +27,7 @@ import timm
 import torch
 from PIL import Image, ImageDraw
 
-from gaussian_ad.backbones import (
+from gaussian_ad.backbones.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Backbone,
@@ -35,7 +35,7 @@ from gaussian_ad.backbones import (
     default_device,
     load_backbone,
 )
-from gaussian_ad.features import InputNormalizer, extract, pooled_features
+from gaussian_ad.features.extract import InputNormalizer, extract, pooled_features
 
 
 def parse_args() -> argparse.Namespace:

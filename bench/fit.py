@@ -32,10 +32,10 @@ import pandas as pd
 import zarr
 from dask.callbacks import Callback
 
-from gaussian_ad.images import ImageRecord
-from gaussian_ad.moments import Moments
-from gaussian_ad.outofcore import fit_store
-from gaussian_ad.store import FeatureStore
+from gaussian_ad.data.images import ImageRecord
+from gaussian_ad.stats.moments import Moments
+from gaussian_ad.store.outofcore import fit_store
+from gaussian_ad.store.feature_store import FeatureStore
 
 LEVEL = 0
 RSS_RATIO_TARGET = 1.2

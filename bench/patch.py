@@ -29,15 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_summary  # noqa: E402
 
-from gaussian_ad.backbones import load_backbone  # noqa: E402
-from gaussian_ad.evaluation import holdout_split, split_records  # noqa: E402
-from gaussian_ad.features import extract  # noqa: E402
-from gaussian_ad.fusion import Standardizer, fuse  # noqa: E402
-from gaussian_ad.gaussian import GaussianAD  # noqa: E402
-from gaussian_ad.images import mvtec_manifest  # noqa: E402
-from gaussian_ad.metrics import auroc, pixel_auroc, pro_auc  # noqa: E402
-from gaussian_ad.patch import PatchLayout, fit_patch, load_masks, score_patch  # noqa: E402
-from gaussian_ad.synthetic import CATEGORIES, make_dataset  # noqa: E402
+from gaussian_ad.backbones.models import load_backbone  # noqa: E402
+from gaussian_ad.evaluation.evaluate import holdout_split, split_records  # noqa: E402
+from gaussian_ad.features.extract import extract  # noqa: E402
+from gaussian_ad.stats.fusion import Standardizer, fuse  # noqa: E402
+from gaussian_ad.stats.gaussian import GaussianAD  # noqa: E402
+from gaussian_ad.data.images import mvtec_manifest  # noqa: E402
+from gaussian_ad.stats.metrics import auroc, pixel_auroc, pro_auc  # noqa: E402
+from gaussian_ad.features.patches import PatchLayout, fit_patch, load_masks, score_patch  # noqa: E402
+from gaussian_ad.data.synthetic import CATEGORIES, make_dataset  # noqa: E402
 
 MIB = 2**20
 

@@ -24,10 +24,10 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 from machine import machine_summary  # noqa: E402
 
-from gaussian_ad.detector import Detector  # noqa: E402
-from gaussian_ad.images import mvtec_manifest  # noqa: E402
-from gaussian_ad.sources import list_source, read_items  # noqa: E402
-from gaussian_ad.synthetic import make_dataset  # noqa: E402
+from gaussian_ad.detection.detector import Detector  # noqa: E402
+from gaussian_ad.data.images import mvtec_manifest  # noqa: E402
+from gaussian_ad.data.sources import list_source, read_items  # noqa: E402
+from gaussian_ad.data.synthetic import make_dataset  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,7 +78,7 @@ def bare_loop(archive: Path, model: Path, batch_size: int, workers: int) -> tupl
 
 def flow_run(archive: Path, model: Path, out: Path, args: argparse.Namespace) -> tuple[float, int]:
     """Wall time and rows of the scoring flow (fresh output folder)."""
-    from flows.score import score
+    from gaussian_ad_flows.score import score
 
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()

@@ -70,7 +70,7 @@ def task_breakdown(flow_run_id: Any, expected: int, timeout: float = 30) -> dict
 def child(data: str, home: str, runs: int, shard_size: int) -> list[dict[str, Any]]:
     """Train ``runs`` times in this process (configured by the environment); timings."""
     started = time.perf_counter()
-    from flows.train import train
+    from gaussian_ad_flows.train import train
 
     imported = time.perf_counter() - started
     results = []
@@ -170,7 +170,7 @@ def main() -> None:
         rows = child(*args.child, args.runs, args.shard_size)
         Path(os.environ["BENCH_OUT"]).write_text(json.dumps(rows))
         return
-    from gaussian_ad.synthetic import make_dataset
+    from gaussian_ad.data.synthetic import make_dataset
 
     with tempfile.TemporaryDirectory(prefix="gaussian-ad-bench-") as tmp:
         workdir = Path(tmp)

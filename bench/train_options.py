@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_summary  # noqa: E402
 
-from gaussian_ad.synthetic import CATEGORIES, make_dataset  # noqa: E402
+from gaussian_ad.data.synthetic import CATEGORIES, make_dataset  # noqa: E402
 
 OPTION_SETS = {
     "default": {},
@@ -60,7 +60,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def flow_costs(args: argparse.Namespace) -> None:
-    from flows.train import train
+    from gaussian_ad_flows.train import train
 
     data = args.workdir / "data"
     if not data.exists():
@@ -92,9 +92,9 @@ def measure_store(rows: int, workdir: Path) -> None:
     """Child process: write a store of random patch features, fit it out-of-core, print RSS."""
     import dask
 
-    from gaussian_ad.images import ImageRecord
-    from gaussian_ad.outofcore import patch_moments
-    from gaussian_ad.store import FeatureStore
+    from gaussian_ad.data.images import ImageRecord
+    from gaussian_ad.store.outofcore import patch_moments
+    from gaussian_ad.store.feature_store import FeatureStore
 
     grid, dim, shard = 28, 100, 50
     records = [ImageRecord(path=f"img{i:06d}.png") for i in range(rows)]

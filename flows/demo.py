@@ -10,12 +10,14 @@ import tarfile
 from pathlib import Path
 
 import pandas as pd
+from gaussian_ad_flows.options import TrainOptions
+from gaussian_ad_flows.runtime import tracking_uri, work_dir
+from gaussian_ad_flows.score import score
+from gaussian_ad_flows.train import train_all
 
-from flows.runtime import tracking_uri, work_dir
-from flows.score import score
-from flows.train import train_all
-from gaussian_ad.images import mvtec_manifest
-from gaussian_ad.synthetic import make_dataset
+from gaussian_ad.config import DetectorConfig
+from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.data.synthetic import make_dataset
 
 SCORED_CATEGORY = "disc"
 
@@ -39,7 +41,7 @@ def run_demo(out_dir: Path) -> None:
     data_root = out_dir / "data"
     if not data_root.exists():
         make_dataset(data_root)
-    results = train_all(str(data_root), options={"patch": True})
+    results = train_all(str(data_root), options=TrainOptions(detector=DetectorConfig(patch=True)))
     archive = make_archive(data_root, SCORED_CATEGORY, out_dir / f"{SCORED_CATEGORY}-test.tar")
     summary = score(str(archive), category=SCORED_CATEGORY, out=str(out_dir / "scores"), maps=True)
     parts = sorted((out_dir / "scores" / "scores").glob("part-*.parquet"))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from gaussian_ad_flows.options import TrainOptions
+from gaussian_ad_flows.score import score
+from gaussian_ad_flows.train import DEFAULTS, train_all
 from prefect import flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
-from flows.score import score
-from flows.train import train_all
-from gaussian_ad.images import mvtec_categories
+from gaussian_ad.data.images import mvtec_categories
 
 NIGHTLY_CRON = "0 2 * * *"
 
@@ -20,7 +21,7 @@ def nightly_retrain(
     data_root: str,
     categories: list[str] | None = None,
     dask_address: str | None = None,
-    options: dict[str, Any] | None = None,
+    options: TrainOptions = DEFAULTS,
 ) -> list[dict[str, Any]]:
     """Retrain the categories; each new version is promoted only if it does not lose."""
     return train_all(data_root, categories, dask_address, options)
@@ -32,7 +33,7 @@ def deployments(
     cron: str = NIGHTLY_CRON,
     timezone: str = "UTC",
     dask_address: str | None = None,
-    options: dict[str, Any] | None = None,
+    options: TrainOptions = DEFAULTS,
 ) -> list[RunnerDeployment]:
     """One nightly deployment per category plus the on-demand scoring deployment."""
     names = categories or mvtec_categories(data_root)
@@ -44,7 +45,7 @@ def deployments(
                 "data_root": data_root,
                 "categories": [name],
                 "dask_address": dask_address,
-                "options": options or {},
+                "options": options.model_dump(mode="json"),
             },
             tags=["gaussian-ad", "nightly", name],
         )

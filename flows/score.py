@@ -9,15 +9,18 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from gaussian_ad_flows.runtime import dask_runner, gpu_annotation, tracking_uri
+from gaussian_ad_tasks.score import list_source_task, score_shard_task
 from prefect import flow
 
-from flows.runtime import dask_runner, gpu_annotation, tracking_uri
-from gaussian_ad.registry import registered_name, resolve_version
-from gaussian_ad.sources import SourceItem
-from gaussian_ad.tables import error_table, write_table
-from tasks.score import list_source_task, part_path, score_shard
+from gaussian_ad.config import LoaderOptions
+from gaussian_ad.data.sources import SourceItem
+from gaussian_ad.registry.mlflow_model import registered_name, resolve_version
+from gaussian_ad.scoring.outputs import part_path
+from gaussian_ad.scoring.tables import error_table, write_table
 
 MANIFEST = "manifest.parquet"
+DEFAULT_LOADER = LoaderOptions()
 
 
 def _manifest(source: str, out: Path) -> tuple[list[SourceItem], pd.DataFrame]:
@@ -42,16 +45,18 @@ def _manifest(source: str, out: Path) -> tuple[list[SourceItem], pd.DataFrame]:
     return items, listing_errors
 
 
-@flow(name="score", log_prints=True, task_runner=dask_runner())
+@flow(
+    name="score",
+    log_prints=True,
+    task_runner=dask_runner(),
+)
 def score(
     source: str,
     model: str | None = None,
     category: str | None = None,
     out: str = "scores",
     shard_size: int = 256,
-    device: str | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
+    loader: LoaderOptions = DEFAULT_LOADER,
     home: str | None = None,
     maps: bool = False,
 ) -> dict[str, Any]:
@@ -65,6 +70,8 @@ def score(
     needs a patch-level model), the anomaly-map overlay of every image above the threshold
     is written under ``maps/`` and named in the table's ``map`` column.
     """
+    if shard_size < 1:
+        raise ValueError(f"shard_size: must be >= 1, got {shard_size}")
     if model is None:
         if category is None:
             raise ValueError("give model= (a model URI) or category=")
@@ -82,12 +89,11 @@ def score(
     out_dir = Path(out).resolve()
     items, listing_errors = _manifest(source, out_dir)
     shards = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
-    runtime = {"device": device, "batch_size": batch_size, "workers": workers}
     print(f"scoring {len(items)} images in {len(shards)} shard(s) with {model_uri}")
     with gpu_annotation():
         futures = [
-            score_shard.submit(
-                shard_items, i, str(out_dir), model_uri, name, number, tracking, runtime, maps
+            score_shard_task.submit(
+                shard_items, i, str(out_dir), (model_uri, name, number), tracking, loader, maps
             )
             for i, shard_items in enumerate(shards)
             if not part_path(str(out_dir), "scores", i).exists()

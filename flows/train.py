@@ -4,223 +4,103 @@ version, challenger/champion aliases."""
 
 from __future__ import annotations
 
+import logging
 import uuid
-from dataclasses import replace
 from typing import Any
 
-import numpy as np
+from gaussian_ad_flows.options import TrainOptions
+from gaussian_ad_flows.runtime import (
+    artifact_location,
+    dask_runner,
+    gpu_annotation,
+    tracking_uri,
+    work_dir,
+)
+from gaussian_ad_tasks.extract import extract_shard_task, prepare_store
+from gaussian_ad_tasks.fit import evaluate, fit_statistics
+from gaussian_ad_tasks.manifest import build_manifest
+from gaussian_ad_tasks.register import register_model
+from gaussian_ad_tasks.select import select_task
 from prefect import flow
 
-from flows.runtime import artifact_location, dask_runner, gpu_annotation, tracking_uri, work_dir
-from gaussian_ad.backbones import BACKBONES, parse_levels
-from gaussian_ad.detector import SCORE_KINDS
-from gaussian_ad.evaluation import holdout_split
-from gaussian_ad.extraction import augmented_rows
-from gaussian_ad.images import (
-    ImageRecord,
-    folder_manifest,
-    manifest_fingerprint,
-    mvtec_categories,
-)
-from gaussian_ad.patch import DEFAULT_N_CHANNELS, default_patch_levels
-from gaussian_ad.registry import load_detector
-from gaussian_ad.selection import DEFAULT_N_PER_KIND
-from tasks.extract import BackboneConfig, extract_shard_task, prepare_store
-from tasks.fit import evaluate, fit_statistics
-from tasks.manifest import build_manifest
-from tasks.register import register_model
-from tasks.select import select_task
+from gaussian_ad.data.images import mvtec_categories
+from gaussian_ad.evaluation.selection import Selection
+from gaussian_ad.registry.mlflow_model import incremental_base
+from gaussian_ad.store.plan import TrainingPlan
+
+logger = logging.getLogger(__name__)
+DEFAULTS = TrainOptions()
 
 
-def _store_rows(
-    fit: list[ImageRecord], held: list[ImageRecord], test: list[ImageRecord], passes: int
-) -> tuple[list[ImageRecord], list[int], dict[str, np.ndarray]]:
-    """Store rows: fit images (once, or once per augmentation pass), held-out, test."""
-    fit_rows, fit_passes = augmented_rows(fit, passes)
-    records = fit_rows + held + test
-    passes_all = fit_passes + [-1] * (len(held) + len(test))
-    start_held, start_test = len(fit_rows), len(fit_rows) + len(held)
-    index = {
-        "fit": np.arange(start_held),
-        "held": np.arange(start_held, start_test),
-        "test": np.arange(start_test, len(records)),
-    }
-    return records, passes_all, index
-
-
-@flow(name="train", log_prints=True, task_runner=dask_runner())
-def train(
-    data_root: str,
-    category: str,
-    backbone: str = "lite0",
-    levels: str = "1-9",
-    reduction: str | None = None,
-    variance_threshold: float = 0.99,
-    augment_passes: int = 0,
-    seed: int = 0,
-    shard_size: int = 64,
-    target_fpr: float = 0.01,
-    promotion_tolerance: float = 0.0,
-    incremental_from: str | None = None,
-    new_images: str | None = None,
-    patch: bool = False,
-    score: str = "image",
-    select: bool = False,
-    select_per_kind: int = DEFAULT_N_PER_KIND,
-    select_grid: list[dict[str, Any]] | None = None,
-    patch_grid: int | None = None,
-    patch_channels: int = DEFAULT_N_CHANNELS,
-    weights: str | None = None,
-    pretrained: bool = True,
-    device: str | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
-    home: str | None = None,
-    experiment: str = "gaussian-ad",
-) -> dict[str, Any]:
-    """Train, evaluate and register the model of one MVTec-layout category.
-
-    The fit uses 4/5 of train/good (fold 0 of KFold(5, shuffle, seed)); the other
-    fifth calibrates thresholds. With ``incremental_from`` (a model URI, e.g.
-    ``models:/gaussian-ad-<category>@champion``) and ``new_images`` (a folder of new
-    normal images), the new images' statistics are merged into that model instead, with
-    its configuration.
-
-    Beyond the paper: ``patch`` also fits the patch-level model (anomaly maps, pixel
-    AUROC and PRO where masks exist); ``score`` ("image", "patch", "fused") is the score
-    that ranks and thresholds images; ``select`` first chooses levels, reduction and score
-    on synthetic defects made from the held-out fold (see gaussian_ad.selection) and logs
-    every candidate's validation AUROC (``select_grid``: candidates as dicts of levels,
-    reduction, score; default :data:`gaussian_ad.selection.DEFAULT_GRID`).
-    """
-    if score not in SCORE_KINDS:
-        raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
-    if select and incremental_from:
-        raise ValueError("select chooses a configuration for a full fit, not an incremental one")
+@flow(name="train", flow_run_name="train-{category}", log_prints=True, task_runner=dask_runner())
+def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> dict[str, Any]:
+    """Train, evaluate and register the model of one MVTec-layout category (see TrainOptions)."""
     records, fingerprint = build_manifest(data_root, category)
-    train_good = [r for r in records if r.split == "train"]
-    test = [r for r in records if r.split == "test"]
-    fit_idx, held_idx = holdout_split(len(train_good), seed=seed)
-    fit_records = [train_good[i] for i in fit_idx]
-    held = [train_good[i] for i in held_idx]
-    models = work_dir(home) / "models" / category
+    config, loader = options.detector, options.loader
+    plan = TrainingPlan.from_manifest(records, config.seed, options.augment_passes)
+    models = work_dir(options.home) / "models" / category
     base_path = None
-    if incremental_from:
-        if not new_images:
-            raise ValueError("incremental_from needs new_images (a folder of new normal images)")
-        champion = load_detector(incremental_from)
-        if champion.reduction is not None:
-            raise ValueError(
-                f"{incremental_from} uses reduction {champion.reduction!r}: incremental "
-                "retraining merges raw statistics and needs reduction=None; retrain in full"
-            )
-        backbone, levels = champion.backbone, ",".join(map(str, champion.levels))
-        weights, pretrained = champion.weights, champion.pretrained
-        patch, score = champion.patch, champion.score_kind
-        patch_grid, patch_channels = champion.patch_grid, champion.patch_channels
-        seed = champion.seed
+    if options.incremental_from:
         base_path = str(models / f"base-{uuid.uuid4().hex}.safetensors")
-        champion.save(base_path)
-        fit_records = [
-            ImageRecord(r.path, category, "train", 0, "good") for r in folder_manifest([new_images])
-        ]
-    config = BackboneConfig(backbone, None, weights, pretrained, device, batch_size, workers)
+        config = incremental_base(options.incremental_from, config, loader, base_path)
+        plan = plan.with_new_normals(options.new_images, category)
     selection = None
-    if select:
+    if options.select:
+        fit_paths, held_paths = [r.path for r in plan.fit], [r.path for r in plan.held]
         selection = select_task.submit(
-            [r.path for r in fit_records],
-            [r.path for r in held],
-            config,
-            select_per_kind,
-            seed,
-            select_grid,
+            fit_paths, held_paths, config, loader, options.select_per_kind, options.select_grid
         ).result()
-        best = selection["best"]
-        print(f"[{category}] selected {best} of {len(selection['results'])} candidates")
-        score = best["score"]
-        if best["levels"] is not None:
-            levels, reduction = best["levels"], best["reduction"]
-    patch = patch or score != "image"
-    image_levels = parse_levels(levels, BACKBONES[backbone].n_levels)
-    patch_levels = default_patch_levels(BACKBONES[backbone]) if patch else ()
-    config = replace(config, levels=tuple(sorted(set(image_levels) | set(patch_levels))))
-    patch_options = {"grid": patch_grid, "n_channels": patch_channels, "seed": seed}
-    rows, passes, index = _store_rows(fit_records, held, test, augment_passes)
-    level_tag = "-".join(map(str, image_levels))
-    patch_tag = f"-patch{patch_grid or 'auto'}x{patch_channels}" if patch else ""
-    store_url = str(
-        work_dir(home)
-        / "stores"
-        / category
-        / f"{fingerprint[:16]}-{backbone}-L{level_tag}{patch_tag}-aug{augment_passes}-seed{seed}"
-        f"{f'-inc{manifest_fingerprint(fit_records)[:12]}' if base_path else ''}.zarr"
-    )
-    pending = prepare_store(
-        store_url,
-        rows,
-        passes,
-        config,
-        shard_size,
-        {"category": category},
-        image_levels,
-        patch_options if patch else None,
-    )
-    print(f"[{category}] {len(rows)} rows, {len(pending)} shard(s) to extract -> {store_url}")
+        config = Selection.from_dict(selection).best.config(config)
+        print(f"[{category}] selected {selection['best']} of {len(selection['results'])}")
+    url = plan.store_url(work_dir(options.home), category, fingerprint, config)
+    pending = prepare_store(url, plan, config, loader, options.shard_size)
+    print(f"[{category}] {len(plan.rows()[0])} rows, {len(pending)} shard(s) to extract -> {url}")
     with gpu_annotation():
-        futures = [extract_shard_task.submit(store_url, s, config, seed) for s in pending]
-    shards = [f.result() for f in futures]
+        futures = [extract_shard_task.submit(url, shard, config, loader) for shard in pending]
+    shards = [future.result() for future in futures]
+    rows = plan.row_index()
     model_path = str(models / f"{uuid.uuid4().hex}.safetensors")
-    fit_statistics.submit(
-        store_url, index["fit"], reduction, variance_threshold, model_path, base_path
-    ).result()
+    fit_statistics.submit(url, rows["fit"], config, model_path, base_path).result()
     evaluation = evaluate.submit(
-        store_url, model_path, config, score, index["held"], index["test"], target_fpr, seed
+        url, model_path, loader, rows["held"], rows["test"], options.target_fpr
     ).result()
-    uri = tracking_uri(home)
+    uri = tracking_uri(options.home)
     params = {
         "category": category,
-        "augment_passes": augment_passes,
-        "seed": seed,
-        "n_heldout": len(held),
-        "n_test": len(test),
+        "augment_passes": options.augment_passes,
+        "n_heldout": len(plan.held),
+        "n_test": len(plan.test),
         "data_fingerprint": fingerprint,
-        "target_fpr": target_fpr,
-        "incremental_from": incremental_from or "",
-        "select": select,
+        "target_fpr": options.target_fpr,
+        "incremental_from": options.incremental_from or "",
+        "select": options.select,
     }
-    record = register_model.submit(
-        uri,
-        experiment,
-        artifact_location(uri, home),
-        store_url,
-        config,
-        model_path,
-        evaluation,
-        index["test"],
-        params,
-        category,
-        promotion_tolerance,
-        selection,
-    ).result()
-    metrics = evaluation.summary_metrics(score)
+    run = {
+        "params": params,
+        "category": category,
+        "tolerance": options.promotion_tolerance,
+        "selection": selection,
+    }
+    tracking = (uri, options.experiment, artifact_location(uri, options.home))
+    record = register_model.submit(tracking, url, model_path, loader, evaluation, run).result()
+    metrics = evaluation.summary_metrics()
     print(
-        f"[{category}] {score} AUROC {metrics['auroc']:.4f}; "
+        f"[{category}] {config.score} AUROC {metrics['auroc']:.4f}; "
         f"registered {record.name} v{record.version}"
         f" ({'champion' if record.promoted else 'challenger'}): {record.reason}"
     )
     return {
         "category": category,
         **metrics,
-        "score": score,
+        "score": config.score,
         "auroc_levels": evaluation.auroc_levels,
-        "threshold": evaluation.threshold,
         "selection": selection,
         "name": record.name,
         "version": record.version,
         "promoted": record.promoted,
         "reason": record.reason,
         "run_id": record.run_id,
-        "store": store_url,
+        "store": url,
         "shards": shards,
     }
 
@@ -230,19 +110,14 @@ def train_all(
     data_root: str,
     categories: list[str] | None = None,
     dask_address: str | None = None,
-    options: dict[str, Any] | None = None,
+    options: TrainOptions = DEFAULTS,
 ) -> list[dict[str, Any]]:
-    """Train every category under ``data_root`` (or the given ones), each on Dask.
-
-    ``options`` are keyword arguments of :func:`train` (backbone, levels, ...).
-    """
+    """Train every category under ``data_root`` (or the given ones), each on Dask."""
     names = categories or mvtec_categories(data_root)
     if not names:
         raise ValueError(f"{data_root}: no MVTec-layout categories found")
     runner = dask_runner(dask_address)
-    results = [
-        train.with_options(task_runner=runner)(data_root, name, **(options or {})) for name in names
-    ]
+    results = [train.with_options(task_runner=runner)(data_root, name, options) for name in names]
     for r in results:
         print(f"{r['category']:<16} AUROC {r['auroc']:.4f}  {r['name']} v{r['version']}")
     return results

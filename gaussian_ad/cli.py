@@ -30,25 +30,50 @@ BatchOpt = Annotated[int, typer.Option(help="images per forward pass")]
 WorkersOpt = Annotated[int, typer.Option(help="decoding threads")]
 
 
-def _detector(
-    backbone, levels, reduction, variance_threshold, weights, device, batch, workers, **options
+PatchOpt = Annotated[
+    bool, typer.Option(help="also the patch-level model: anomaly maps, pixel AUROC, PRO")
+]
+ScoreOpt = Annotated[str, typer.Option(help="score that ranks images: image, patch or fused")]
+SeedOpt = Annotated[int, typer.Option(help="hold-out split, patch channels and defect seed")]
+TargetFprOpt = Annotated[
+    float, typer.Option(help="threshold at this FPR on the held-out fifth of the normals")
+]
+
+
+def _configs(
+    backbone: str = "lite0",
+    levels: str = "1-9",
+    reduction: str = "none",
+    variance_threshold: float = 0.99,
+    patch: bool = False,
+    score: str = "image",
+    seed: int = 0,
+    weights: Path | None = None,
+    device: str | None = None,
+    batch_size: int = 32,
+    workers: int = 2,
 ):
-    from gaussian_ad.detector import Detector
+    """The CLI's flags as validated configuration objects; a bad value exits with code 2."""
+    from gaussian_ad.config import DetectorConfig, LoaderOptions, parse_reduction
 
     try:
-        return Detector(
+        if not levels.strip():
+            raise ValueError("levels: empty; use e.g. '1-9', '7' or '3,5,7'")
+        config = DetectorConfig(
             backbone=backbone,
             levels=levels,
-            reduction=None if reduction.lower() == "none" else reduction.lower(),
+            reduction=parse_reduction(reduction),
             variance_threshold=variance_threshold,
-            weights=weights,
-            device=device,
-            batch_size=batch,
-            workers=workers,
-            **options,
+            score=score,
+            patch=patch,
+            seed=seed,
+        )
+        loader = LoaderOptions(
+            device=device, batch_size=batch_size, workers=workers, weights=weights
         )
     except ValueError as error:
-        raise typer.BadParameter(str(error)) from error
+        raise typer.BadParameter(str(error)) from None
+    return config, loader
 
 
 def _report_errors(errors) -> None:
@@ -68,7 +93,7 @@ def synth(
     seed: int = 0,
 ) -> None:
     """Write the synthetic MVTec-layout dataset to OUT_DIR."""
-    from gaussian_ad.synthetic import make_dataset
+    from gaussian_ad.data.synthetic import make_dataset
 
     root = make_dataset(
         out_dir,
@@ -99,12 +124,23 @@ def extract(
     """Extract train/good features into a Zarr store; resumes an interrupted extraction."""
     from tqdm.auto import tqdm
 
-    from gaussian_ad.backbones import load_backbone
-    from gaussian_ad.extraction import create_store, extract_shard
-    from gaussian_ad.images import mvtec_manifest
+    from gaussian_ad.data.images import mvtec_manifest
+    from gaussian_ad.detection.detector import Detector
+    from gaussian_ad.features.shards import create_store, extract_shard
 
+    if shard_size < 1 or augment_passes < 0:
+        raise typer.BadParameter("shard-size must be >= 1 and augment-passes >= 0")
+    config, loader = _configs(
+        backbone,
+        levels,
+        seed=seed,
+        weights=weights,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+    )
     records = mvtec_manifest(data_root, category, splits=("train",))
-    model = load_backbone(backbone, levels, weights=weights, device=device)
+    model = Detector(config, loader).backbone_module()
     feature_store = create_store(
         store, records, model, shard_size=shard_size, augment_passes=augment_passes
     )
@@ -113,15 +149,7 @@ def extract(
         f"{feature_store.n_rows} rows in {feature_store.n_shards} shards; {len(pending)} to go"
     )
     for shard in tqdm(pending, desc="shards"):
-        extract_shard(
-            feature_store,
-            shard,
-            model,
-            batch_size=batch_size,
-            workers=workers,
-            device=device,
-            seed=seed,
-        )
+        extract_shard(feature_store, shard, model, loader, seed)
     _report_errors(feature_store.errors())
 
 
@@ -141,13 +169,10 @@ def fit(
     levels: LevelsOpt = "1-9",
     reduction: ReductionOpt = "none",
     variance_threshold: VarianceOpt = 0.99,
-    patch: Annotated[
-        bool, typer.Option(help="also the patch-level model (anomaly maps); holds out 1/5")
-    ] = False,
-    score: Annotated[str, typer.Option(help="image, patch or fused (needs --patch)")] = "image",
-    target_fpr: Annotated[
-        float, typer.Option(help="with --patch: threshold at this FPR on the held-out fifth")
-    ] = 0.01,
+    patch: PatchOpt = False,
+    score: ScoreOpt = "image",
+    target_fpr: TargetFprOpt = 0.01,
+    seed: SeedOpt = 0,
     weights: WeightsOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = 32,
@@ -155,56 +180,56 @@ def fit(
 ) -> None:
     """Fit on normal images (MVTec train/good of CATEGORY, a folder, or a feature store).
 
-    With --patch, 4/5 of the images fit both models and the other fifth calibrates the
-    threshold and the fused score's standardisation.
+    From images, 4/5 fit the models and the other fifth calibrates the threshold (and the
+    fused score's standardisation). A store fit has no held-out images, so no threshold.
     """
-    from gaussian_ad.images import folder_manifest, mvtec_manifest
+    from gaussian_ad.data.images import folder_manifest, mvtec_manifest
+    from gaussian_ad.detection.detector import Detector
+    from gaussian_ad.store.plan import holdout_split
 
     if (data_root is None) == (store is None):
         raise typer.BadParameter("give DATA_ROOT or --store (not both)")
     if patch and store is not None:
         raise typer.BadParameter("--patch fits from images; with a store use `train --patch`")
     if store is not None:
-        from gaussian_ad.outofcore import fit_store
-        from gaussian_ad.store import FeatureStore
+        from gaussian_ad.store.feature_store import FeatureStore
 
         feature_store = FeatureStore.open(store)
         backbone = feature_store.config.get("backbone", backbone)
         levels = ",".join(map(str, feature_store.levels))
-    detector = _detector(
+    config, loader = _configs(
         backbone,
         levels,
         reduction,
         variance_threshold,
+        patch,
+        score,
+        seed,
         weights,
         device,
         batch_size,
         workers,
-        patch=patch,
-        score=score,
     )
+    if not 0.0 < target_fpr < 1.0:
+        raise typer.BadParameter(f"target-fpr: must lie in (0, 1), got {target_fpr}")
+    detector = Detector(config, loader)
     if store is not None:
-        detector.model_ = fit_store(feature_store, detector.reduction, variance_threshold)
-        _report_errors(feature_store.errors())
+        detector.fit_store(feature_store)
     else:
         if category:
             paths = [r.path for r in mvtec_manifest(data_root, category, splits=("train",))]
         else:
             paths = [r.path for r in folder_manifest([data_root])]
-        if patch:
-            from gaussian_ad.evaluation import holdout_split
-
-            fit_idx, held_idx = holdout_split(len(paths))
-            detector.fit([paths[i] for i in fit_idx], progress=True)
-            detector.calibrate([paths[i] for i in held_idx], target_fpr, progress=True)
-        else:
-            detector.fit(paths, progress=True)
-        _report_errors(detector.errors_)
+        fit_idx, held_idx = holdout_split(len(paths), seed=seed)
+        detector.fit([paths[i] for i in fit_idx], progress=True)
+        detector.calibrate([paths[i] for i in held_idx], target_fpr, progress=True)
+    _report_errors(detector.errors_)
     detector.save(out)
-    model = detector.fitted_model()
+    model = detector.model_
+    threshold = "none" if detector.threshold is None else f"{detector.threshold:.4g}"
     typer.echo(
-        f"fitted on {model.n_samples_} images, levels {list(detector.levels)}, "
-        f"dims {model.dims_}; wrote {out}"
+        f"fitted on {model.n_samples_} images, levels {list(config.image_levels)}, "
+        f"dims {model.dims_}, threshold {threshold}; wrote {out}"
     )
 
 
@@ -225,27 +250,32 @@ def score(
     workers: WorkersOpt = 2,
 ) -> None:
     """Score images with a saved model: path, score, per-level scores, is_anomaly."""
-    from gaussian_ad.detector import Detector
-    from gaussian_ad.images import folder_manifest
-    from gaussian_ad.overlays import write_overlays
-    from gaussian_ad.tables import score_table, write_table
+    from dataclasses import replace
 
-    detector = Detector.load(model, device=device, batch_size=batch_size, workers=workers)
+    from gaussian_ad.data.images import folder_manifest
+    from gaussian_ad.detection.detector import Detector
+    from gaussian_ad.scoring.outputs import score_rows
+    from gaussian_ad.scoring.tables import write_table
+
+    _, loader = _configs(device=device, batch_size=batch_size, workers=workers)
+    detector = Detector.load(model, loader)
     if threshold is not None:
-        detector.threshold_ = threshold
+        if detector.calibration_ is None:
+            raise typer.BadParameter("--threshold: this model has no calibration to override")
+        detector.calibration_ = replace(detector.calibration_, threshold=threshold)
+    if detector.threshold is None:
+        typer.secho("this model has no threshold: is_anomaly is left empty", fg="yellow", err=True)
     files = [r.path for r in folder_manifest(paths)]
-    result = detector.score(files, progress=True, maps=maps is not None)
-    table = score_table([files[i] for i in result.index], result, detector.levels)
+    table, errors, n_maps = score_rows(detector, files, files, maps, ".", progress=True)
     if maps is not None:
-        written = write_overlays(result, files, files, maps, ".", detector.standardizer_)
-        table["map"] = [str(maps / written[i]) if i in written else "" for i in result.index]
-        typer.echo(f"wrote {len(written)} overlay(s) to {maps}")
+        table["map"] = [str(maps / name) if name else "" for name in table["map"]]
+        typer.echo(f"wrote {n_maps} overlay(s) to {maps}")
     if out is None:
         typer.echo(table.to_string(index=False))
     else:
         write_table(table, out)
         typer.echo(f"wrote {len(table)} rows to {out}")
-    _report_errors(result.errors)
+    _report_errors(errors)
 
 
 @app.command()
@@ -258,68 +288,64 @@ def evaluate(
     levels: LevelsOpt = "1-9",
     reduction: ReductionOpt = "none",
     variance_threshold: VarianceOpt = 0.99,
+    patch: PatchOpt = False,
+    score: ScoreOpt = "image",
+    target_fpr: TargetFprOpt = 0.01,
+    seed: SeedOpt = 0,
     weights: WeightsOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
     json_out: Annotated[Path | None, typer.Option("--json", help="write results as JSON")] = None,
-    patch: Annotated[
-        bool, typer.Option(help="also the patch-level model: pixel AUROC, PRO, fused score")
-    ] = False,
 ) -> None:
-    """Fit on train/good and report test AUROC per category (summed and per level)."""
-    from gaussian_ad.evaluation import evaluate_category, summary
-    from gaussian_ad.images import mvtec_categories
+    """Fit on 4/5 of train/good, calibrate on the rest, report test AUROC per category
+    (summed and per level; with --patch also patch, fused, pixel AUROC and PRO)."""
+    from gaussian_ad.data.images import mvtec_categories
+    from gaussian_ad.evaluation.evaluate import evaluate_category, summary
 
+    config, loader = _configs(
+        backbone,
+        levels,
+        reduction,
+        variance_threshold,
+        patch,
+        score,
+        seed,
+        weights,
+        device,
+        batch_size,
+        workers,
+    )
     categories = category or mvtec_categories(data_root)
     if not categories:
         raise typer.BadParameter(f"no MVTec-layout categories under {data_root}")
-    if patch:
-        _evaluate_patch(data_root, categories, backbone, reduction, weights, device, json_out)
-        return
-    detector = _detector(
-        backbone, levels, reduction, variance_threshold, weights, device, batch_size, workers
-    )
     results = []
     for name in categories:
-        typer.echo(f"[{name}] fitting and scoring")
-        result = evaluate_category(data_root, name, detector, progress=True)
+        typer.echo(f"[{name}] fitting, calibrating and scoring")
+        result = evaluate_category(data_root, name, config, loader, target_fpr, progress=True)
         _report_errors(result.errors)
         results.append(result)
     report = summary(results)
-    level_names = " ".join(f"L{level:<5d}" for level in detector.levels)
-    typer.echo(f"\n{'category':<16}{'AUROC':>7}  {level_names}")
+    kinds = [
+        k
+        for k in ("image", "patch", "fused")
+        if f"auroc_{k}" in next(iter(report["categories"].values()))
+    ]
+    pixel = patch and any("pixel_auroc" in row for row in report["categories"].values())
+    head = "".join(f"{k:>7}" for k in kinds) + (f"{'pixel':>7}{'PRO':>7}" if pixel else "")
+    level_names = " ".join(f"L{level:<5d}" for level in config.image_levels)
+    typer.echo(f"\n{'category':<16}{'AUROC':>7}{head}  {level_names}")
     for name, row in report["categories"].items():
+        values = "".join(f"{row[f'auroc_{k}']:>7.3f}" for k in kinds)
+        if pixel:
+            values += "".join(
+                f"{row[m]:>7.3f}" if m in row else f"{'n/a':>7}" for m in ("pixel_auroc", "pro")
+            )
         per_level = " ".join(f"{a:.3f} " for a in row["auroc_levels"])
-        typer.echo(f"{name:<16}{row['auroc']:>7.3f}  {per_level}")
+        typer.echo(f"{name:<16}{row['auroc']:>7.3f}{values}  {per_level}")
     typer.echo(f"{'mean +- SEM':<16}{report['mean_auroc']:>7.3f} +- {report['sem_auroc']:.3f}")
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
-        typer.echo(f"wrote {json_out}")
-
-
-def _evaluate_patch(data_root, categories, backbone, reduction, weights, device, json_out):
-    """Image-level vs patch-level vs fused AUROC, pixel AUROC and PRO per category."""
-    from dataclasses import asdict
-
-    from gaussian_ad.backbones import load_backbone
-    from gaussian_ad.evaluation import evaluate_category_patch
-
-    model = load_backbone(backbone, None, weights=weights, device=device)
-    reduction = None if reduction.lower() == "none" else reduction.lower()
-    typer.echo(f"{'category':<16}{'image':>7}{'patch':>7}{'fused':>7}{'pixel':>7}{'PRO':>7}")
-    rows = []
-    for name in categories:
-        result = evaluate_category_patch(data_root, name, model, reduction, device=device)
-        rows.append(asdict(result))
-        pixel = "n/a" if result.pixel_auroc is None else f"{result.pixel_auroc:.3f}"
-        pro = "n/a" if result.pro is None else f"{result.pro:.3f}"
-        typer.echo(
-            f"{name:<16}{result.auroc_image:>7.3f}{result.auroc_patch:>7.3f}"
-            f"{result.auroc_fused:>7.3f}{pixel:>7}{pro:>7}"
-        )
-    if json_out:
-        json_out.write_text(json.dumps({"categories": rows}, indent=2))
         typer.echo(f"wrote {json_out}")
 
 
@@ -329,7 +355,7 @@ def select_configuration(
     category: Annotated[str, typer.Option(help="MVTec category whose train/good to use")],
     json_out: Annotated[Path | None, typer.Option("--json", help="write the selection")] = None,
     n_per_kind: Annotated[int, typer.Option(help="synthetic defects per kind")] = 10,
-    seed: Annotated[int, typer.Option(help="hold-out split and defect seed")] = 0,
+    seed: SeedOpt = 0,
     backbone: BackboneOpt = "lite0",
     weights: WeightsOpt = None,
     device: DeviceOpt = None,
@@ -340,23 +366,28 @@ def select_configuration(
 
     Fits on 4/5 of train/good; the other fifth gives normals and their defective copies.
     """
-    from gaussian_ad.backbones import load_backbone
-    from gaussian_ad.evaluation import holdout_split
-    from gaussian_ad.images import mvtec_manifest
-    from gaussian_ad.selection import select_configuration as select
+    from gaussian_ad.data.images import mvtec_manifest
+    from gaussian_ad.evaluation.selection import select_configuration as select
+    from gaussian_ad.store.plan import holdout_split
 
+    if n_per_kind < 1:
+        raise typer.BadParameter(f"n-per-kind: must be >= 1, got {n_per_kind}")
+    config, loader = _configs(
+        backbone,
+        seed=seed,
+        weights=weights,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+    )
     paths = [r.path for r in mvtec_manifest(data_root, category, splits=("train",))]
     fit_idx, held_idx = holdout_split(len(paths), seed=seed)
-    model = load_backbone(backbone, None, weights=weights, device=device)
     selection = select(
         [paths[i] for i in fit_idx],
         [paths[i] for i in held_idx],
-        model,
+        config,
+        loader=loader,
         n_per_kind=n_per_kind,
-        seed=seed,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
     )
     typer.echo(f"{'levels':<8}{'reduction':<11}{'score':<7}{'AUROC':>7}")
     for candidate, value in selection.results:
@@ -377,31 +408,54 @@ def train(
     levels: LevelsOpt = "1-9",
     reduction: ReductionOpt = "none",
     augment_passes: Annotated[int, typer.Option(help="K random augmentation passes")] = 0,
-    patch: Annotated[
-        bool, typer.Option(help="also fit the patch-level model: anomaly maps, pixel AUROC")
-    ] = False,
-    score: Annotated[
-        str, typer.Option(help="score that ranks images: image, patch or fused")
-    ] = "image",
+    patch: PatchOpt = False,
+    score: ScoreOpt = "image",
     select: Annotated[
         bool, typer.Option(help="choose levels, reduction and score on synthetic defects first")
     ] = False,
+    target_fpr: TargetFprOpt = 0.01,
+    seed: SeedOpt = 0,
+    shard_size: Annotated[int, typer.Option(help="images per extraction shard")] = 64,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = 2,
     dask_address: Annotated[
         str | None, typer.Option(envvar="GAUSSIAN_AD_DASK_ADDRESS", help="Dask scheduler")
     ] = None,
 ) -> None:
     """Run the training flow per category: extract, fit, evaluate, register in MLflow."""
-    from flows.train import train_all
+    from pydantic import ValidationError
 
-    options = {
-        "backbone": backbone,
-        "levels": levels,
-        "reduction": None if reduction.lower() == "none" else reduction.lower(),
-        "augment_passes": augment_passes,
-        "patch": patch,
-        "score": score,
-        "select": select,
-    }
+    config, loader = _configs(
+        backbone,
+        levels,
+        reduction,
+        0.99,
+        patch or score != "image",
+        score,
+        seed,
+        weights,
+        device,
+        batch_size,
+        workers,
+    )
+    from gaussian_ad_flows.options import TrainOptions
+
+    try:
+        options = TrainOptions(
+            detector=config,
+            loader=loader,
+            augment_passes=augment_passes,
+            target_fpr=target_fpr,
+            shard_size=shard_size,
+            select=select,
+        )
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise typer.BadParameter(problems) from None
+    from gaussian_ad_flows.train import train_all
+
     train_all(str(data_root), category or None, dask_address, options)
 
 
@@ -417,12 +471,26 @@ def score_archive(
     maps: Annotated[
         bool, typer.Option(help="write anomaly-map overlays of the images above the threshold")
     ] = False,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = 2,
 ) -> None:
     """Run the scoring flow over an archive; a rerun skips finished shards."""
-    from flows.score import score as score_flow
+    if shard_size < 1:
+        raise typer.BadParameter(f"shard-size: must be >= 1, got {shard_size}")
+    if (model is None) == (category is None):
+        raise typer.BadParameter("give --model or --category (one of them)")
+    _, loader = _configs(device=device, batch_size=batch_size, workers=workers)
+    from gaussian_ad_flows.score import score as score_flow
 
     score_flow(
-        source, model=model, category=category, out=str(out), shard_size=shard_size, maps=maps
+        source,
+        model=model,
+        category=category,
+        out=str(out),
+        shard_size=shard_size,
+        loader=loader,
+        maps=maps,
     )
 
 
@@ -437,7 +505,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the nightly retraining and on-demand scoring deployments from this process."""
-    from flows.nightly import serve_deployments
+    from gaussian_ad_flows.nightly import serve_deployments
 
     serve_deployments(
         data_root,
@@ -456,7 +524,7 @@ def demo(out_dir: Annotated[Path, typer.Argument(help="where the demo writes")] 
     os.environ.setdefault("GAUSSIAN_AD_HOME", str(home))
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    from flows.demo import run_demo
+    from gaussian_ad_flows.demo import run_demo
 
     run_demo(out_dir)
 

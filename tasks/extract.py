@@ -2,90 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
-
 from distributed import get_worker
 from prefect import task
 
-from gaussian_ad.backbones import Backbone, load_backbone
-from gaussian_ad.extraction import extract_shard
-from gaussian_ad.images import ImageRecord
-from gaussian_ad.patch import PatchLayout
-from gaussian_ad.store import FeatureStore
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    """What a worker needs to build the same backbone (hashable, cheap to ship)."""
-
-    name: str = "lite0"
-    levels: tuple[int, ...] | None = None
-    weights: str | None = None
-    pretrained: bool = True
-    device: str | None = None
-    batch_size: int = 32
-    workers: int = 2
-
-
-@lru_cache(maxsize=2)
-def worker_backbone(config: BackboneConfig) -> Backbone:
-    """The backbone, loaded once per worker process and reused by every shard."""
-    return load_backbone(
-        config.name,
-        config.levels,
-        weights=config.weights,
-        pretrained=config.pretrained,
-        device=config.device,
-    )
+from gaussian_ad.config import DetectorConfig, LoaderOptions
+from gaussian_ad.detection.detector import Detector
+from gaussian_ad.features.shards import create_plan_store, extract_shard
+from gaussian_ad.store.feature_store import FeatureStore
+from gaussian_ad.store.plan import TrainingPlan
 
 
 @task(name="prepare-store", retries=2, retry_delay_seconds=2)
 def prepare_store(
-    url: str,
-    records: list[ImageRecord],
-    augment_passes: list[int],
-    backbone: BackboneConfig,
-    shard_size: int,
-    config: dict[str, Any],
-    levels: tuple[int, ...] | None = None,
-    patch: dict[str, Any] | None = None,
+    url: str, plan: TrainingPlan, config: DetectorConfig, loader: LoaderOptions, shard_size: int
 ) -> list[int]:
-    """Create or reopen the store; returns the shards still to extract.
-
-    The store keeps ``levels`` (default: all the backbone computes) and, with ``patch``
-    (keyword arguments of :meth:`PatchLayout.for_backbone`: grid, n_channels, seed),
-    patch features too.
-    """
-    model = worker_backbone(backbone)
-    levels = model.levels if levels is None else tuple(levels)
-    layout = None if patch is None else PatchLayout.for_backbone(model, **patch).to_dict()
-    store = FeatureStore.create(
-        url,
-        records,
-        levels,
-        [model.level_dims[model.levels.index(level)] for level in levels],
-        shard_size=shard_size,
-        augment_passes=augment_passes,
-        config={"backbone": backbone.name, **config},
-        patch_layout=layout,
-    )
+    """Create or reopen the plan's store; returns the shards still to extract."""
+    backbone = Detector(config, loader).backbone_module()
+    store = create_plan_store(url, plan, backbone, config, loader, shard_size)
     return store.pending_shards()
 
 
 @task(name="extract-shard", retries=2, retry_delay_seconds=5)
-def extract_shard_task(url: str, shard: int, backbone: BackboneConfig, seed: int) -> dict:
+def extract_shard_task(url: str, shard: int, config: DetectorConfig, loader: LoaderOptions) -> dict:
     """Extract one shard; returns its info (rows, errors, host, pid, worker, seconds, ...)."""
-    info = extract_shard(
-        FeatureStore.open(url),
-        shard,
-        worker_backbone(backbone),
-        batch_size=backbone.batch_size,
-        workers=backbone.workers,
-        device=backbone.device,
-        seed=seed,
-    )
+    backbone = Detector(config, loader).backbone_module()
+    info = extract_shard(FeatureStore.open(url), shard, backbone, loader, config.seed)
     return {**info, "worker": _worker_address()}
 
 

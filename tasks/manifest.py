@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from gaussian_ad.images import ImageRecord, manifest_fingerprint, mvtec_manifest
+from gaussian_ad.data.images import ImageRecord, manifest_fingerprint, mvtec_manifest
 
 
 @task(name="build-manifest", retries=2, retry_delay_seconds=2)

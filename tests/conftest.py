@@ -13,8 +13,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from gaussian_ad.images import mvtec_manifest  # noqa: E402
-from gaussian_ad.synthetic import make_dataset  # noqa: E402
+from gaussian_ad.data.images import mvtec_manifest  # noqa: E402
+from gaussian_ad.data.synthetic import make_dataset  # noqa: E402
 from tests.services import mlflow_server, stop  # noqa: E402
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage.data import chelsea
 
-from gaussian_ad import backbones
-from gaussian_ad.backbones import (
+from gaussian_ad.backbones import models as backbones
+from gaussian_ad.backbones.models import (
     BACKBONES,
     WeightsMismatchError,
     WeightsNotFoundError,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gaussian_ad.backbones import load_backbone
-from gaussian_ad.features import extract, iter_feature_batches
+from gaussian_ad.backbones.models import load_backbone
+from gaussian_ad.features.extract import extract, iter_feature_batches
 
 N_IMAGES = 5
 

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gaussian_ad.detector import Detector
-from gaussian_ad.images import mvtec_manifest
-from gaussian_ad.registry import load_detector
+from gaussian_ad.detection.detector import Detector
+from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.registry.mlflow_model import load_detector
 from tests.conftest import copy_new_normals
 
 CATEGORY = "disc"
@@ -26,7 +26,7 @@ NAME = f"gaussian-ad-{CATEGORY}"
 @pytest.fixture(scope="module")
 def trained(small_dataset, prefect_harness, mlflow_uri, tmp_path_factory) -> dict:
     """One training flow run of the disc category."""
-    from flows.train import train
+    from gaussian_ad_flows.train import train
 
     home = tmp_path_factory.mktemp("home")
     result = train(str(small_dataset), CATEGORY, shard_size=16, home=str(home))
@@ -75,7 +75,7 @@ def test_pyfunc_champion_scores_like_the_detector(trained, small_dataset, mlflow
 
 
 def test_worse_model_does_not_take_champion(trained, small_dataset, tmp_path, mlflow_uri):
-    from flows.train import train
+    from gaussian_ad_flows.train import train
 
     # Mislabeled training set: the test anomalies are copied into train/good.
     bad_root = tmp_path / "mislabeled"
@@ -111,7 +111,7 @@ def archive(small_dataset, tmp_path) -> tuple[Path, int]:
 
 
 def test_scoring_flow_resumes_with_each_image_once(trained, archive, tmp_path):
-    from flows.score import score
+    from gaussian_ad_flows.score import score
 
     path, n_images = archive
     out = tmp_path / "scores"
@@ -141,7 +141,7 @@ def test_scoring_flow_resumes_with_each_image_once(trained, archive, tmp_path):
 
 
 def test_nightly_deployment_has_the_configured_cron(small_dataset):
-    from flows.nightly import deployments
+    from gaussian_ad_flows.nightly import deployments
 
     made = deployments(str(small_dataset), categories=["disc", "weave"], cron="30 1 * * *")
     nightly = {d.name: d for d in made if d.name.startswith("nightly-")}
@@ -155,7 +155,7 @@ def test_nightly_deployment_has_the_configured_cron(small_dataset):
 def test_incremental_retraining_merges_new_images_into_the_champion(
     trained, small_dataset, tmp_path, mlflow_uri
 ):
-    from flows.train import train
+    from gaussian_ad_flows.train import train
 
     new_images = copy_new_normals(small_dataset, CATEGORY, 6, tmp_path / "new")
     champion = load_detector(f"models:/{NAME}@champion")

@@ -12,12 +12,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from gaussian_ad.images import mvtec_manifest
-from gaussian_ad.metrics import auroc, pixel_auroc
-from gaussian_ad.patch import load_masks
-from gaussian_ad.registry import load_detector
-from gaussian_ad.selection import Selection
-from gaussian_ad.store import FeatureStore
+from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.stats.metrics import auroc, pixel_auroc
+from gaussian_ad.features.patches import load_masks
+from gaussian_ad.registry.mlflow_model import load_detector
+from gaussian_ad.evaluation.selection import Selection
+from gaussian_ad.store.feature_store import FeatureStore
 from tests.conftest import copy_new_normals
 
 CATEGORY = "weave"
@@ -27,7 +27,7 @@ NAME = f"gaussian-ad-{CATEGORY}"
 @pytest.fixture(scope="module")
 def trained(small_dataset, prefect_harness, mlflow_uri, tmp_path_factory) -> dict:
     """One training run with the patch model and the selection on synthetic defects."""
-    from flows.train import train
+    from gaussian_ad_flows.train import train
 
     home = tmp_path_factory.mktemp("home")
     result = train(
@@ -99,7 +99,7 @@ def test_registry_model_reproduces_scores_and_maps(trained, small_dataset, mlflo
 
 
 def test_scoring_flow_writes_maps_of_the_anomalous_images(trained, small_dataset, tmp_path):
-    from flows.score import score
+    from gaussian_ad_flows.score import score
 
     folder = small_dataset / CATEGORY / "test"
     out = tmp_path / "scores"
@@ -124,7 +124,7 @@ def test_scoring_flow_writes_maps_of_the_anomalous_images(trained, small_dataset
 def test_incremental_retraining_merges_into_the_patch_model(
     trained, small_dataset, tmp_path, mlflow_uri
 ):
-    from flows.train import train
+    from gaussian_ad_flows.train import train
 
     new_images = copy_new_normals(small_dataset, CATEGORY, 4, tmp_path / "new")
     base_uri = f"models:/{NAME}/{trained['version']}"

@@ -1,14 +1,23 @@
-"""GaussianAD against scikit-learn and scipy float64 references."""
+"""GaussianAD against scikit-learn and scipy float64 references, and sklearn's contract."""
+
+import json
+import warnings
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from scipy.spatial.distance import mahalanobis
 from scipy.stats import chi2
+from sklearn.base import clone
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
+from sklearn.exceptions import NotFittedError
+from sklearn.utils import estimator_checks
 
-from gaussian_ad.gaussian import GaussianAD, select_components
-from gaussian_ad.thresholds import empirical_threshold, sigma_to_fpr
+from gaussian_ad.stats.arrayfile import read_arrays, write_arrays
+from gaussian_ad.stats.gaussian import GaussianAD, select_components, zero_variance
+from gaussian_ad.stats.moments import Moments
+from gaussian_ad.stats.thresholds import empirical_threshold, sigma_to_fpr
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -84,10 +93,16 @@ def test_predict_and_empirical_threshold():
     rng = np.random.default_rng(4)
     model = GaussianAD().fit([rng.normal(size=(500, 4))])
     normal = model.anomaly_scores([rng.normal(size=(1000, 4))])
-    model.threshold_ = empirical_threshold(normal, fpr=0.1)
-    flagged = model.predict([rng.normal(size=(2000, 4))])
+    threshold = empirical_threshold(normal, fpr=0.1)
+    flagged = model.predict([rng.normal(size=(2000, 4))], threshold)
     assert flagged.mean() == pytest.approx(0.1, abs=0.03)
-    assert model.predict([np.full((1, 4), 50.0)]).all()
+    assert model.predict([np.full((1, 4), 50.0)], threshold=threshold).all()
+    # The threshold is the caller's (the detector's calibration): no default, no attribute.
+    assert not hasattr(model, "threshold_")
+    with pytest.raises(TypeError):
+        model.predict([rng.normal(size=(3, 4))])
+    with pytest.raises(ValueError, match="threshold"):
+        model.predict([rng.normal(size=(3, 4))], None)
 
 
 @pytest.mark.parametrize("reduction", ["pca", "npca"])
@@ -136,14 +151,37 @@ def test_save_load_round_trip(tmp_path, reduction):
     train = [correlated(rng, 80, 6), correlated(rng, 80, 9)]
     test = [correlated(rng, 15, 6), correlated(rng, 15, 9)]
     model = GaussianAD(reduction=reduction).fit(train)
-    model.threshold_ = 3.5
     path = model.save(tmp_path / "model.safetensors", metadata={"backbone": "lite0"})
     loaded = GaussianAD.load(path)
     np.testing.assert_array_equal(loaded.level_scores(test), model.level_scores(test))
-    assert loaded.threshold_ == 3.5
     assert loaded.metadata_ == {"backbone": "lite0"}
     assert loaded.reduction == reduction
+    assert loaded.get_params() == model.get_params()
+    assert not hasattr(loaded, "threshold_")
     assert b"pickle" not in path.read_bytes()[:2000]
+    with safe_open(str(path), framework="numpy") as f:
+        assert "threshold" not in json.loads(f.metadata()["gaussian_ad"])
+
+
+@pytest.mark.parametrize("reduction", [None, "npca"])
+def test_load_ignores_the_threshold_of_a_format_1_file(tmp_path, reduction):
+    rng = np.random.default_rng(16)
+    train = [correlated(rng, 60, 5), correlated(rng, 60, 7)]
+    test = [correlated(rng, 10, 5), correlated(rng, 10, 7)]
+    model = GaussianAD(reduction=reduction).fit(train)
+    header, arrays = read_arrays(
+        model.save(tmp_path / "new.safetensors"), "gaussian_ad", 2, "gaussian-ad model"
+    )
+    old = write_arrays(
+        tmp_path / "old.safetensors",
+        arrays,
+        "gaussian_ad",
+        {**header, "format_version": 1, "threshold": 3.5, "metadata": {"a": 1}},
+    )
+    loaded = GaussianAD.load(old)
+    np.testing.assert_array_equal(loaded.level_scores(test), model.level_scores(test))
+    assert not hasattr(loaded, "threshold_")
+    assert loaded.metadata_ == {"a": 1}
 
 
 def test_bad_input_is_named():
@@ -155,3 +193,211 @@ def test_bad_input_is_named():
         GaussianAD(reduction="svd").fit([rng.normal(size=(30, 4))])
     with pytest.raises(ValueError, match="different image counts"):
         GaussianAD().fit([rng.normal(size=(30, 4)), rng.normal(size=(31, 4))])
+
+
+# --------------------------------------------------------------- scikit-learn's contract
+SKLEARN_CHECKS = [
+    "check_no_attributes_set_in_init",
+    "check_parameters_default_constructible",
+    "check_get_params_invariance",
+    "check_set_params",
+    "check_estimator_cloneable",
+    "check_estimator_repr",
+    "check_do_not_raise_errors_in_init_or_set_params",
+]
+
+
+@pytest.mark.parametrize("check", SKLEARN_CHECKS)
+def test_sklearn_parameter_checks(check):
+    getattr(estimator_checks, check)("GaussianAD", GaussianAD())
+
+
+def test_init_stores_keyword_parameters_only():
+    assert vars(GaussianAD()) == {"reduction": None, "variance_threshold": 0.99}
+    marker = object()  # stored as given, not validated or copied
+    assert GaussianAD(reduction=marker).reduction is marker
+    with pytest.raises(TypeError):
+        GaussianAD("pca")
+    with pytest.raises(TypeError):
+        GaussianAD(None, 0.9)
+
+
+def test_get_params_set_params_clone_round_trip():
+    rng = np.random.default_rng(8)
+    train = [correlated(rng, 40, 6)]
+    model = GaussianAD(reduction="npca", variance_threshold=0.9)
+    assert model.get_params() == {"reduction": "npca", "variance_threshold": 0.9}
+    assert repr(model) == "GaussianAD(reduction='npca', variance_threshold=0.9)"
+    assert model.set_params(variance_threshold=0.8) is model
+    assert model.variance_threshold == 0.8
+    model.fit(train)
+    copy = clone(model)
+    assert copy.get_params() == model.get_params()
+    assert not [name for name in vars(copy) if name.endswith("_")]
+    with pytest.raises(NotFittedError):
+        copy.anomaly_scores(train)
+    np.testing.assert_array_equal(copy.fit(train).level_scores(train), model.level_scores(train))
+    with pytest.raises(ValueError, match="Invalid parameter"):
+        model.set_params(threshold=3.0)
+
+
+def test_learned_attributes_exist_only_after_fitting():
+    model = GaussianAD()
+    for name in ("means_", "precisions_", "covariances_", "moments_", "dims_", "threshold_"):
+        assert not hasattr(model, name)
+    model.fit([np.random.default_rng(9).normal(size=(20, 3))])
+    for name in ("means_", "precisions_", "covariances_", "moments_", "dims_", "n_samples_"):
+        assert hasattr(model, name)
+    assert not hasattr(model, "threshold_")
+
+
+def test_not_fitted_error_names_the_class(tmp_path):
+    model = GaussianAD()
+    levels = [np.zeros((2, 3))]
+    calls = {
+        "level_scores": lambda: model.level_scores(levels),
+        "anomaly_scores": lambda: model.anomaly_scores(levels),
+        "thresholds": lambda: model.thresholds(fpr=0.01),
+        "predict": lambda: model.predict(levels, 1.0),
+        "transform": lambda: model.transform(levels),
+        "dims_expected": lambda: model.dims_expected(),
+        "dims_": lambda: model.dims_,
+        "save": lambda: model.save(tmp_path / "model.safetensors"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(NotFittedError, match="GaussianAD"):
+            call()
+        assert not (tmp_path / "model.safetensors").exists(), name
+
+
+def test_after_fit_components_only_transform_works():
+    rng = np.random.default_rng(10)
+    x = correlated(rng, 30, 6)
+    model = GaussianAD(reduction="pca", variance_threshold=0.9).fit_components(
+        [Moments.from_array(x)]
+    )
+    assert model.transform([x])[0].shape[1] == model.components_[0].shape[0]
+    with pytest.raises(NotFittedError, match="GaussianAD"):
+        model.level_scores([x])
+    with pytest.raises(ValueError, match="fit_components"):
+        GaussianAD(reduction="pca").fit_moments([Moments.from_array(x)])
+
+
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [
+        ({"reduction": "svd"}, "reduction"),
+        ({"reduction": "PCA"}, "reduction"),
+        ({"variance_threshold": 0.0}, "variance_threshold"),
+        ({"variance_threshold": 1.0}, "variance_threshold"),
+        ({"variance_threshold": -0.5}, "variance_threshold"),
+        ({"variance_threshold": float("nan")}, "variance_threshold"),
+        ({"variance_threshold": "0.9"}, "variance_threshold"),
+        ({"variance_threshold": True}, "variance_threshold"),
+        ({"variance_threshold": None}, "variance_threshold"),
+        ({"reduction": "npca", "variance_threshold": 2.0}, "variance_threshold"),
+    ],
+)
+def test_invalid_parameters_are_rejected_at_fit_by_name(params, name):
+    x = np.random.default_rng(11).normal(size=(30, 4))
+    model = GaussianAD(**params)  # no validation in __init__
+    with pytest.raises(ValueError, match=name):
+        model.fit([x])
+    with pytest.raises(ValueError, match=name):
+        GaussianAD(**params).fit_moments([Moments.from_array(x)])
+    with pytest.raises(ValueError, match=name):
+        GaussianAD().fit([x]).set_params(**params).fit([x])
+
+
+# ------------------------------------------------------------------- degenerate data
+def identical_rows(rng: np.random.Generator, n: int, d: int, offset: float = 0.0) -> np.ndarray:
+    return np.tile(rng.normal(size=(1, d)) + offset, (n, 1))
+
+
+@pytest.mark.parametrize("reduction", [None, "pca", "npca"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng: identical_rows(rng, 10, 6),
+        lambda rng: identical_rows(rng, 10, 6, offset=1e3).astype(np.float32),
+        lambda rng: np.zeros((10, 6)),
+        lambda rng: identical_rows(rng, 10, 6) * (1 + 1e-12 * rng.normal(size=(10, 6))),
+    ],
+    ids=["identical", "identical-offset-float32", "zeros", "1e-12-relative"],
+)
+def test_identical_training_images_are_rejected_naming_the_level(make, reduction):
+    rng = np.random.default_rng(12)
+    good = correlated(rng, 10, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division by a zero variance on the way
+        with pytest.raises(ValueError, match=r"level 2 of 2: the training images are \(num"):
+            GaussianAD(reduction=reduction).fit([good, make(rng)])
+
+
+def test_identical_images_are_rejected_from_merged_or_far_shifted_statistics():
+    rng = np.random.default_rng(13)
+    x = identical_rows(rng, 12, 5, offset=1e3)
+    parts = Moments.from_array(x[:5]) + Moments.from_array(x[5:])
+    far = Moments.from_array(x, shift=np.zeros(5))  # cancellation at 1e6 scale
+    for moments in (parts, far):
+        assert zero_variance(moments)
+        with pytest.raises(ValueError, match=r"level 1 of 1: the training images are"):
+            GaussianAD().fit_moments([moments])
+    fitted = GaussianAD().fit([correlated(rng, 12, 5)])
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        GaussianAD().fit([x[:1]])
+    assert hasattr(fitted, "means_")
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("reduction", [None, "pca", "npca"])
+def test_near_identical_images_fit_and_rank(offset, reduction):
+    # Ten images that differ by noise of 1e-6 of their magnitude: near-singular, not
+    # degenerate; the fit must match sklearn and rank larger deviations higher.
+    rng = np.random.default_rng(14)
+    d = 16
+    base = rng.normal(size=d) + offset
+    scale = 1e-6 * np.linalg.norm(base) / np.sqrt(d)
+    x = base + scale * rng.normal(size=(10, d))
+    assert not zero_variance(Moments.from_array(x))
+    model = GaussianAD(reduction=reduction).fit([x])
+    if reduction is None:
+        ref = LedoitWolf().fit(x)
+        assert rel_err(model.covariances_[0], ref.covariance_) < 1e-6
+        assert rel_err(model.precisions_[0], ref.precision_) < 1e-6
+    near = model.anomaly_scores([base + scale * rng.normal(size=(20, d))])
+    far = model.anomaly_scores([base + 100 * scale * rng.normal(size=(20, d))])
+    assert np.isfinite(near).all() and np.isfinite(far).all()
+    assert near.max() < far.min()
+    assert len(np.unique(near)) == len(near)
+
+
+@pytest.mark.parametrize("reduction", [None, "pca"])
+def test_rank_one_training_data_fits_and_ranks(reduction):
+    rng = np.random.default_rng(15)
+    d = 8
+    direction, centre = rng.normal(size=d), rng.normal(size=d)
+    x = rng.normal(size=(50, 1)) * direction + centre
+    model = GaussianAD(reduction=reduction).fit([x])
+    if reduction is None:
+        ref = LedoitWolf().fit(x)
+        assert rel_err(model.covariances_[0], ref.covariance_) < 1e-6
+        assert rel_err(model.precisions_[0], ref.precision_) < 1e-6
+        off_line = centre + 0.5 * rng.normal(size=(20, d))
+    else:
+        off_line = centre + 5.0 * direction * rng.choice([-1, 1], size=(20, 1))
+    on_line = rng.uniform(-1, 1, size=(20, 1)) * direction + centre
+    near, far = model.anomaly_scores([on_line]), model.anomaly_scores([off_line])
+    assert np.isfinite(near).all() and np.isfinite(far).all()
+    assert near.max() < far.min()
+
+
+def test_zero_variance_on_the_kept_components_is_named():
+    # Raw features vary along the first axis only; NPCA keeps one of the (exactly) empty
+    # axes, so the projected features are all zero: rejected, not fitted to zeros.
+    rng = np.random.default_rng(17)
+    x = np.zeros((20, 3))
+    x[:, 0] = rng.normal(size=20)
+    with pytest.raises(ValueError, match=r"level 1 of 1: .*zero variance on the kept 'npca'"):
+        GaussianAD(reduction="npca").fit([x])
+    assert np.isfinite(GaussianAD(reduction="pca").fit([x]).level_scores([x])).all()

@@ -1,4 +1,4 @@
-"""Tests for gaussian_ad.images: manifests, decoding of awkward and broken files, fingerprints."""
+"""Tests for gaussian_ad.data.images: manifests, decoding of awkward and broken files, fingerprints."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from gaussian_ad.images import (
+from gaussian_ad.data.images import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
     ImageRecord,
@@ -23,7 +23,7 @@ from gaussian_ad.images import (
     mvtec_categories,
     mvtec_manifest,
 )
-from gaussian_ad.synthetic import CATEGORIES, DEFECT_TYPES, make_dataset
+from gaussian_ad.data.synthetic import CATEGORIES, DEFECT_TYPES, make_dataset
 
 N_TRAIN, N_TEST_GOOD, N_PER_DEFECT = 4, 3, 2
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.covariance import LedoitWolf
 
-from gaussian_ad.gaussian import GaussianAD
-from gaussian_ad.moments import Moments, ledoit_wolf
+from gaussian_ad.stats.gaussian import GaussianAD
+from gaussian_ad.stats.moments import Moments, ledoit_wolf
 
 
 def rel_err(a, b) -> float:

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from gaussian_ad.augment import AugmentConfig
-from gaussian_ad.backbones import load_backbone
+from gaussian_ad.data.augment import AugmentConfig
+from gaussian_ad.backbones.models import load_backbone
 from gaussian_ad.cli import app
-from gaussian_ad.detector import Detector
-from gaussian_ad.extraction import augmented_moments, create_store, extract_shard
-from gaussian_ad.gaussian import GaussianAD
-from gaussian_ad.images import mvtec_manifest
-from gaussian_ad.outofcore import fit_store, patch_moments
-from gaussian_ad.patch import PatchGaussian, PatchLayout, fit_patch
-from gaussian_ad.store import FeatureStore
+from gaussian_ad.detection.detector import Detector
+from gaussian_ad.features.shards import augmented_moments, create_store, extract_shard
+from gaussian_ad.stats.gaussian import GaussianAD
+from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.store.outofcore import fit_store, patch_moments
+from gaussian_ad.features.patches import PatchGaussian, PatchLayout, fit_patch
+from gaussian_ad.store.feature_store import FeatureStore
 
 LEVELS = (3, 6, 9)
 

@@ -7,14 +7,14 @@ from scipy.linalg import pinvh
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
-from gaussian_ad.backbones import load_backbone
-from gaussian_ad.evaluation import holdout_split, split_records
-from gaussian_ad.fusion import Standardizer, fuse
-from gaussian_ad.gaussian import GaussianAD
-from gaussian_ad.images import mvtec_manifest
-from gaussian_ad.metrics import auroc, pixel_auroc, pro_auc
-from gaussian_ad.moments import BatchMoments, Moments
-from gaussian_ad.patch import (
+from gaussian_ad.backbones.models import load_backbone
+from gaussian_ad.evaluation.evaluate import holdout_split, split_records
+from gaussian_ad.stats.fusion import Standardizer, fuse
+from gaussian_ad.stats.gaussian import GaussianAD
+from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.stats.metrics import auroc, pixel_auroc, pro_auc
+from gaussian_ad.stats.moments import BatchMoments, Moments
+from gaussian_ad.features.patches import (
     PatchGaussian,
     PatchLayout,
     fit_patch,
@@ -22,7 +22,7 @@ from gaussian_ad.patch import (
     patch_features,
     score_patch,
 )
-from gaussian_ad.synthetic import CATEGORIES
+from gaussian_ad.data.synthetic import CATEGORIES
 
 
 def rel_err(a, b) -> float:
@@ -210,7 +210,7 @@ def test_fusion_does_not_lose_to_the_better_score(synthetic_results):
 
 
 def test_detector_with_patch_model_round_trips_scores_maps_and_threshold(small_dataset, tmp_path):
-    from gaussian_ad.detector import Detector, patch_path
+    from gaussian_ad.detection.detector import Detector, patch_path
 
     train, test = split_records(mvtec_manifest(small_dataset, "grain"))
     paths = [r.path for r in train]
@@ -241,7 +241,7 @@ def test_detector_with_patch_model_round_trips_scores_maps_and_threshold(small_d
 
 
 def test_detector_without_patch_model_refuses_maps_and_patch_scores():
-    from gaussian_ad.detector import Detector
+    from gaussian_ad.detection.detector import Detector
 
     with pytest.raises(ValueError, match="patch=True"):
         Detector("lite0", score="fused")

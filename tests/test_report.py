@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from gaussian_ad.report import ReportData, render_report, write_report
+from gaussian_ad.evaluation.report import ReportData, render_report, write_report
 
 N_WORST = 4
 N_FIGURES = 3

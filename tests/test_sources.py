@@ -1,4 +1,4 @@
-"""Tests for gaussian_ad.sources: listing and reading folders, globs, archives and fsspec URLs."""
+"""Tests for gaussian_ad.data.sources: listing and reading folders, globs, archives and fsspec URLs."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gaussian_ad import sources
-from gaussian_ad.images import ImageError, load_rgb
-from gaussian_ad.sources import SourceItem, list_source, read_items
+from gaussian_ad.data import sources
+from gaussian_ad.data.images import ImageError, load_rgb
+from gaussian_ad.data.sources import SourceItem, list_source, read_items
 
 TAR_MODES = {
     ".tar": "w",

@@ -1,4 +1,4 @@
-"""Tests for gaussian_ad.synthetic: layout, masks and reproducibility of the generated dataset."""
+"""Tests for gaussian_ad.data.synthetic: layout, masks and reproducibility of the generated dataset."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gaussian_ad.synthetic import CATEGORIES, DEFECT_TYPES, make_dataset
+from gaussian_ad.data.synthetic import CATEGORIES, DEFECT_TYPES, make_dataset
 
 SMALL = {"n_train": 3, "n_test_good": 2, "n_test_per_defect": 2, "size": 96}
 

@@ -30,8 +30,8 @@ import pytest
 from distributed import Client
 from mlflow.tracking import MlflowClient
 
-from gaussian_ad.images import mvtec_manifest
-from gaussian_ad.store import FeatureStore
+from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.store.feature_store import FeatureStore
 from tests.services import (
     Postgres,
     dask_scheduler,
@@ -205,9 +205,9 @@ def query(db: Postgres, database: str, sql: str, args: tuple = ()) -> list[tuple
 def test_training_and_scoring_run_on_the_services(
     services, cluster, on_services, small_dataset, tmp_path
 ):
-    from flows.runtime import dask_runner
-    from flows.score import score
-    from flows.train import train_all
+    from gaussian_ad_flows.runtime import dask_runner
+    from gaussian_ad_flows.score import score
+    from gaussian_ad_flows.train import train_all
 
     home = str(tmp_path / "home")
     [result] = within(
@@ -297,7 +297,7 @@ def test_training_and_scoring_run_on_the_services(
 def test_extraction_survives_a_killed_worker(
     services, cluster, on_services, small_dataset, tmp_path
 ):
-    from flows.train import train_all
+    from gaussian_ad_flows.train import train_all
 
     home = tmp_path / "home"
     killed: dict = {}

@@ -7,6 +7,7 @@ a pure function of (seed, row), so a re-extracted shard is identical.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -15,25 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from gaussian_ad.augment import AugmentConfig, SeededAugment
-from gaussian_ad.backbones import Backbone
-from gaussian_ad.features import extract, iter_feature_batches
-from gaussian_ad.images import ImageRecord, file_digest
-from gaussian_ad.moments import Moments
-from gaussian_ad.patch import PatchLayout, iter_patch_feature_batches
-from gaussian_ad.store import FeatureStore
+from gaussian_ad.backbones.models import Backbone
+from gaussian_ad.config import DEFAULT_LOADER, DetectorConfig, LoaderOptions
+from gaussian_ad.data.augment import AugmentConfig, SeededAugment
+from gaussian_ad.data.images import ImageRecord, file_digest
+from gaussian_ad.features.extract import iter_batches
+from gaussian_ad.features.layout import PatchLayout
+from gaussian_ad.stats.moments import Moments
+from gaussian_ad.store.feature_store import FeatureStore
+from gaussian_ad.store.plan import TrainingPlan, augmented_rows
 
-
-def augmented_rows(
-    records: Sequence[ImageRecord], passes: int
-) -> tuple[list[ImageRecord], list[int]]:
-    """Store rows and their augmentation pass: once each (pass -1) without passes, else
-    pass by pass, so row ``p * len(records) + i`` is image i in pass p (the numbering
-    :class:`SeededAugment` and :func:`augmented_moments` use)."""
-    records = list(records)
-    if passes <= 0:
-        return records, [-1] * len(records)
-    return records * passes, [p for p in range(passes) for _ in records]
+logger = logging.getLogger(__name__)
 
 
 def create_store(
@@ -41,23 +34,30 @@ def create_store(
     records: Sequence[ImageRecord],
     backbone: Backbone,
     *,
+    levels: Sequence[int] | None = None,
     shard_size: int = 256,
-    augment_passes: int = 0,
+    augment_passes: int | Sequence[int] = 0,
     dtype: str = "float32",
     config: dict[str, Any] | None = None,
     patch_layout: PatchLayout | None = None,
 ) -> FeatureStore:
-    """Create (or reopen, to resume) the store for ``records`` and the backbone's levels.
+    """Create (or reopen, to resume) the store for ``records`` and ``levels`` (default:
+    all the backbone computes).
 
-    With ``augment_passes = K > 0`` the store has K rows per image, pass by pass. With a
-    ``patch_layout`` the store also keeps every row's patch features.
+    With ``augment_passes = K > 0`` the store has K rows per image, pass by pass (or give
+    each record's pass, -1 for none: see :func:`augmented_rows`). With a ``patch_layout``
+    the store also keeps every row's patch features.
     """
-    rows, passes = augmented_rows(records, augment_passes)
+    if isinstance(augment_passes, int):
+        records, passes = augmented_rows(records, augment_passes)
+    else:
+        passes = list(augment_passes)
+    levels = backbone.levels if levels is None else tuple(levels)
     return FeatureStore.create(
         url,
-        rows,
-        backbone.levels,
-        backbone.level_dims,
+        list(records),
+        levels,
+        [backbone.level_dims[backbone.levels.index(level)] for level in levels],
         shard_size=shard_size,
         augment_passes=passes,
         dtype=dtype,
@@ -70,10 +70,7 @@ def extract_shard(
     store: FeatureStore,
     shard: int,
     backbone: Backbone,
-    *,
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str | None = None,
+    options: LoaderOptions = DEFAULT_LOADER,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Extract one shard into the store (skipped if already complete); returns its info.
@@ -84,6 +81,7 @@ def extract_shard(
     patch features from the same pass.
     """
     if shard in store.complete_shards():
+        logger.info("%s: shard %d already complete, skipped", store.url, shard)
         return {**store.shard_marker(shard)["info"], "skipped": True}
     started = time.perf_counter()
     rows = store.shard_rows(shard)
@@ -98,31 +96,22 @@ def extract_shard(
             strict=True,
         )
     ]
-    stream = {"batch_size": batch_size, "workers": workers, "transform": transforms}
     n = len(paths)
     columns = [backbone.levels.index(level) for level in store.levels]
     levels = [np.full((n, d), np.nan, dtype=np.float32) for d in store.dims]
+    layout = None if store.patch_layout is None else PatchLayout.from_dict(store.patch_layout)
     patches = None
-    if store.patch_layout is None:
-        features = extract(backbone, paths, device=device, **stream)
-        for full, column in zip(levels, columns, strict=True):
-            full[features.index] = features.levels[column]
-        decoded, errors = features.index, features.errors
-    else:
-        layout = PatchLayout.from_dict(store.patch_layout)
+    if layout is not None:
         patches = np.full((n, layout.n_positions, len(layout.channel_index)), np.nan, np.float32)
-        errors, batches = [], [np.empty(0, np.int64)]
-        for index, batch_patches, pooled, batch_errors in iter_patch_feature_batches(
-            backbone, layout, paths, device=device, **stream
-        ):
-            patches[index] = batch_patches
-            for full, column in zip(levels, columns, strict=True):
-                full[index] = pooled[column]
-            errors.extend(batch_errors)
-            batches.append(index)
-        decoded = np.concatenate(batches)
     valid = np.zeros(n, dtype=bool)
-    valid[decoded] = True
+    errors = []
+    for batch in iter_batches(backbone, paths, options, layout=layout, transform=transforms):
+        for full, column in zip(levels, columns, strict=True):
+            full[batch.index] = batch.pooled[column]
+        if patches is not None:
+            patches[batch.index] = batch.patches
+        valid[batch.index] = True
+        errors.extend(batch.errors)
     failed = {e.path for e in errors}
     hashes = [None if p in failed else file_digest(p) for p in paths]
     info = {
@@ -142,11 +131,8 @@ def augmented_moments(
     paths: Sequence[str],
     passes: int,
     config: AugmentConfig,
-    *,
+    options: LoaderOptions = DEFAULT_LOADER,
     seed: int = 0,
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str | None = None,
 ) -> list[Moments]:
     """Stream ``passes`` augmented passes over ``paths`` straight into per-level statistics.
 
@@ -156,13 +142,30 @@ def augmented_moments(
     totals = [Moments.empty(d) for d in backbone.level_dims]
     for p in range(passes):
         transforms = [SeededAugment(config, seed, p * len(paths) + i) for i in range(len(paths))]
-        for _, levels, _ in iter_feature_batches(
-            backbone,
-            paths,
-            batch_size=batch_size,
-            workers=workers,
-            transform=transforms,
-            device=device,
-        ):
-            totals = [t + Moments.from_array(x) for t, x in zip(totals, levels, strict=True)]
+        for batch in iter_batches(backbone, paths, options, transform=transforms):
+            totals = [t + Moments.from_array(x) for t, x in zip(totals, batch.pooled, strict=True)]
     return totals
+
+
+def create_plan_store(
+    url: str,
+    plan: TrainingPlan,
+    backbone: Backbone,
+    config: DetectorConfig,
+    loader: LoaderOptions,
+    shard_size: int,
+) -> FeatureStore:
+    """Create (or reopen) the store of a training plan for a detector configuration: its
+    image levels and, with a patch model, its patch layout."""
+    layout = PatchLayout.for_config(backbone, config) if config.patch else None
+    records, passes = plan.rows()
+    return create_store(
+        url,
+        records,
+        backbone,
+        levels=config.image_levels,
+        shard_size=shard_size,
+        augment_passes=passes,
+        config={"weights": loader.weights, "pretrained": config.pretrained},
+        patch_layout=layout,
+    )

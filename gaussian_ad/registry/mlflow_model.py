@@ -9,9 +9,9 @@ The backbone weights are referenced by name (or path), never copied per version.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,14 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from gaussian_ad.detector import Detector
-from gaussian_ad.evaluation import ModelEvaluation
-from gaussian_ad.report import ReportData, write_report
-from gaussian_ad.tables import score_table
+from gaussian_ad.config import DetectorConfig, LoaderOptions
+from gaussian_ad.detection.detector import Detector
+from gaussian_ad.evaluation.evaluate import Evaluation, store_auroc
+from gaussian_ad.evaluation.report import report_data, write_report
+from gaussian_ad.scoring.tables import score_table
+from gaussian_ad.store.feature_store import FeatureStore
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "detector.safetensors"
 CHAMPION = "champion"
@@ -67,10 +71,10 @@ class PyfuncDetector:
             sources = list(model_input)
         result = self.detector.score(sources)
         names = [s if isinstance(s, str) else f"<item {i}>" for i, s in enumerate(sources)]
-        scored = score_table([names[i] for i in result.index], result, self.detector.levels)
+        levels = self.detector.config.image_levels
+        scored = score_table([names[i] for i in result.index], result, levels)
         table = scored.set_index(result.index).reindex(range(len(names)))
         table["path"] = names
-        table["is_anomaly"] = table["is_anomaly"].fillna(False).astype(bool)
         failed = {e.path: e.reason for e in result.errors}
         table["error"] = [failed.get(name, "") for name in names]
         return table.reset_index(drop=True)
@@ -95,15 +99,16 @@ def log_detector(detector: Detector, name: str = "model") -> mlflow.models.model
         )
 
 
-def load_detector(model_uri: str, **runtime: Any) -> Detector:
+def load_detector(model_uri: str, loader: LoaderOptions | None = None) -> Detector:
     """A Detector from a model URI (``models:/name@alias``, ``runs:/...``) or a local file."""
     if Path(model_uri).is_file():
-        return Detector.load(model_uri, **runtime)
+        return Detector.load(model_uri, loader)
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
     files = list(local.rglob(MODEL_FILE))
     if not files:
         raise FileNotFoundError(f"{model_uri}: no {MODEL_FILE} in the model's files")
-    return Detector.load(files[0], **runtime)
+    logger.info("loaded %s from %s", model_uri, files[0])
+    return Detector.load(files[0], loader)
 
 
 @dataclass(frozen=True)
@@ -195,32 +200,41 @@ class TrainingRecord:
 
 def record_training(
     detector: Detector,
-    evaluation: ModelEvaluation,
-    report: ReportData,
+    evaluation: Evaluation,
+    store: FeatureStore,
     params: dict[str, Any],
     category: str,
-    champion_auroc: Callable[[Detector], float],
     tolerance: float = 0.0,
     experiment_id: str | None = None,
     selection: dict[str, Any] | None = None,
 ) -> TrainingRecord:
     """One MLflow run: params, metrics, report, model; register, tag, alias, promote.
 
-    ``champion_auroc`` scores the current champion on this run's evaluation set, so
-    promotion compares both models on the same images, by each model's chosen score.
-    ``selection`` (:meth:`Selection.to_dict`) is logged as ``selection.json``, one
-    ``select_auroc_<candidate>`` metric per candidate, and tags of the version.
+    The current champion is scored on this run's test rows of ``store`` (see
+    :func:`store_auroc`), so promotion compares both models on the same images, by each
+    model's chosen score. ``selection`` (:meth:`Selection.to_dict`) is logged as
+    ``selection.json``, one ``select_auroc_<candidate>`` metric per candidate, and tags of
+    the version.
     """
     client = MlflowClient()
     name = registered_name(category)
-    levels = list(detector.levels)
+    config = detector.config
+    levels = list(config.image_levels)
     thresholds = evaluation.thresholds
-    kind = detector.score_kind
-    chosen_auroc = evaluation.chosen_auroc(kind)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{category}-{detector.backbone}"):
+    chosen_auroc = evaluation.auroc
+    params = {**config.to_dict(), "n_train": detector.model_.n_samples_, **params}
+    test = store.manifest.iloc[evaluation.test.index]
+    report = report_data(
+        f"{category}: {config.backbone}, levels {levels}, {config.score} score",
+        evaluation,
+        test["path"].tolist(),
+        test["defect"].tolist(),
+        params,
+    )
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{category}-{config.backbone}"):
         run_id = mlflow.active_run().info.run_id
-        mlflow.log_params({**detector.config(), **params})
-        metrics = {**evaluation.summary_metrics(kind), "threshold": detector.threshold_}
+        mlflow.log_params(params)
+        metrics = evaluation.summary_metrics()
         per_level = zip(levels, evaluation.auroc_levels, strict=True)
         metrics |= {f"auroc_l{level}": value for level, value in per_level}
         if selection is not None:
@@ -236,24 +250,25 @@ def record_training(
         current = champion(name, client)
         previous = None
         if current is not None:
-            previous = champion_auroc(load_detector(f"models:/{name}/{current.version}"))
+            previous_model = load_detector(f"models:/{name}/{current.version}", detector.loader)
+            previous = store_auroc(previous_model, store, evaluation.test.index)
             mlflow.log_metric("champion_auroc", previous)
         promoted, reason = decide_promotion(chosen_auroc, previous, tolerance)
         mlflow.set_tags({"promoted": str(promoted), "promotion_reason": reason})
     tags = {
         "auroc": f"{chosen_auroc:.6f}",
-        "score": kind,
+        "score": config.score,
         "patch": str(detector.patch_model_ is not None),
-        "threshold": f"{detector.threshold_:.6f}",
+        "threshold": f"{evaluation.threshold:.6f}",
         "thresholds": json.dumps(thresholds.thresholds),
-        "backbone": detector.backbone,
+        "backbone": config.backbone,
         "levels": ",".join(map(str, levels)),
-        "n_train": params.get("n_train", detector.fitted_model().n_samples_),
+        "n_train": params["n_train"],
         "data_fingerprint": params.get("data_fingerprint", ""),
         "promotion_reason": reason,
     }
-    if evaluation.patch is not None and evaluation.patch.pixel_auroc is not None:
-        tags |= {"pixel_auroc": f"{evaluation.patch.pixel_auroc:.6f}"}
+    if evaluation.pixel_auroc is not None:
+        tags |= {"pixel_auroc": f"{evaluation.pixel_auroc:.6f}"}
     if selection is not None:
         tags |= {
             "selection": json.dumps(selection["best"]),
@@ -273,3 +288,30 @@ def candidate_key(candidate: dict[str, Any]) -> str:
         return candidate["score"]
     key = f"{candidate['score']}_L{candidate['levels'].replace(',', '.')}"
     return key + (f"_{candidate['reduction']}" if candidate["reduction"] else "")
+
+
+INCREMENTAL_SETTINGS = ("backbone", "levels", "score", "patch", "patch_grid", "patch_channels")
+
+
+def incremental_base(
+    model_uri: str, requested: DetectorConfig, loader: LoaderOptions, base_path: str
+) -> DetectorConfig:
+    """Save the model at ``model_uri`` to ``base_path`` for incremental retraining and return
+    its configuration, which the run takes over; says which requested settings differ."""
+    base = load_detector(model_uri, loader)
+    if base.config.reduction is not None:
+        raise ValueError(
+            f"{model_uri} uses reduction {base.config.reduction!r}: incremental retraining "
+            "merges raw statistics and needs reduction=None; retrain in full"
+        )
+    taken = {k: getattr(base.config, k) for k in INCREMENTAL_SETTINGS}
+    differing = {k: getattr(requested, k) for k in taken if getattr(requested, k) != taken[k]}
+    logger.warning(
+        "incremental retraining from %s takes its settings %s%s",
+        model_uri,
+        taken,
+        f"; ignoring the requested {differing}" if differing else "",
+    )
+    Path(base_path).parent.mkdir(parents=True, exist_ok=True)
+    base.save(base_path)
+    return base.config

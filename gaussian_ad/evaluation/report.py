@@ -13,10 +13,11 @@ import html
 import io
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import cycle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,10 +25,14 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from gaussian_ad.overlays import overlay
-from gaussian_ad.thresholds import observed_rate
+from gaussian_ad.scoring.overlays import overlay
+from gaussian_ad.stats.thresholds import observed_rate
+
+if TYPE_CHECKING:  # the report itself needs no torch
+    from gaussian_ad.evaluation.evaluate import Evaluation
 
 FIGURE_DPI = 100
+N_WORST = 8  # most anomalous test images shown, each with its map when there is one
 THRESHOLD_COLORS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 CSS = """
@@ -67,7 +72,7 @@ class ReportData:
     maps: dict[str, np.ndarray] | None = None
 
 
-def render_report(data: ReportData, n_worst: int = 8, thumb_size: int = 160) -> str:
+def render_report(data: ReportData, n_worst: int = N_WORST, thumb_size: int = 160) -> str:
     """The report as one HTML document."""
     labels, scores = _validated(data)
     heldout = None if data.heldout_scores is None else np.asarray(data.heldout_scores, float)
@@ -102,6 +107,47 @@ def render_report(data: ReportData, n_worst: int = 8, thumb_size: int = 160) -> 
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def report_data(
+    title: str,
+    evaluation: Evaluation,
+    paths: Sequence[str],
+    defects: Sequence[str],
+    params: dict[str, Any],
+) -> ReportData:
+    """What the report of an evaluation shows; ``paths``/``defects`` align with its test rows.
+
+    The anomaly maps of the ``N_WORST`` highest-scoring test images go with it.
+    """
+    test = evaluation.test
+    scores = np.asarray(test.scores)
+    if evaluation.kind == "image":
+        thresholds = {
+            k: v for k, v in evaluation.thresholds.thresholds.items() if k.startswith("empirical")
+        }
+    else:
+        thresholds = {f"{evaluation.kind} (chosen)": evaluation.threshold}
+    maps = None
+    if test.maps is not None:
+        worst = np.argsort(-scores, kind="stable")[:N_WORST]
+        maps = {paths[i]: test.maps[i] for i in worst}
+    return ReportData(
+        title=title,
+        labels=evaluation.labels,
+        scores=scores,
+        level_scores=test.level_scores,
+        levels=list(params.get("levels", range(1, test.level_scores.shape[1] + 1))),
+        paths=list(paths),
+        defects=list(defects),
+        thresholds=thresholds,
+        auroc=evaluation.auroc,
+        auroc_levels=evaluation.auroc_levels,
+        heldout_scores=evaluation.heldout.scores,
+        params=params,
+        metrics={**evaluation.summary_metrics(), **evaluation.thresholds.metrics},
+        maps=maps,
+    )
 
 
 def write_report(data: ReportData, path: str | Path, **kwargs: Any) -> Path:

@@ -127,7 +127,7 @@ def _fresh_category_dir(category_dir: Path, seed: int, size: int) -> None:
     if category_dir.exists():
         shutil.rmtree(category_dir)
     category_dir.mkdir(parents=True, exist_ok=True)
-    (category_dir / _MARKER).write_text(f"gaussian_ad.synthetic seed={seed} size={size}\n")
+    (category_dir / _MARKER).write_text(f"gaussian_ad.data.synthetic seed={seed} size={size}\n")
 
 
 def _image_rng(

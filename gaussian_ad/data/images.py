@@ -14,7 +14,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -356,3 +356,14 @@ def manifest_fingerprint(records: Iterable[ImageRecord]) -> str:
         for r, path in zip(rows, absolute, strict=True)
     )
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def load_masks(mask_paths: Sequence[str | None], size: int) -> np.ndarray:
+    """(n, size, size) bool ground truth, resized with nearest neighbour; None = all normal."""
+    masks = np.zeros((len(mask_paths), size, size), dtype=bool)
+    for i, path in enumerate(mask_paths):
+        if path is not None:
+            with Image.open(path) as mask:
+                resized = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
+            masks[i] = np.asarray(resized) > 127
+    return masks

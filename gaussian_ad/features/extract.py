@@ -29,8 +29,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from gaussian_ad.backbones import Backbone
-from gaussian_ad.images import ImageDecodeError, ImageError, ImageSource, load_rgb
+from gaussian_ad.backbones.models import Backbone
+from gaussian_ad.config import DEFAULT_LOADER, LoaderOptions
+from gaussian_ad.data.images import ImageDecodeError, ImageError, ImageSource, load_rgb
+from gaussian_ad.features.layout import PatchLayout
+from gaussian_ad.features.patches import patch_features
 
 PREFETCH_BATCHES = 2
 JPEG_DRAFT_FACTOR: int | None = 2
@@ -39,12 +42,31 @@ Transform = Callable[[Image.Image], Image.Image]
 
 
 @dataclass
-class Features:
-    """Per-level features of the images that decoded, and error records for the rest."""
+class Batch:
+    """One backbone pass over a batch: the images that decoded and the errors of the rest."""
 
-    levels: list[np.ndarray]  # per selected level, (n_ok, d_l) float32
-    index: np.ndarray  # (n_ok,) int64 positions into the input sequence
+    index: np.ndarray  # (n,) int64 positions into the input sequence
+    pooled: list[np.ndarray]  # per backbone level, (n, d_l) float32
+    patches: np.ndarray | None  # (n, P, d) float32 with a patch layout
     errors: list[ImageError]
+
+
+@dataclass
+class Features:
+    """All batches of a pass, concatenated (see :class:`Batch`)."""
+
+    index: np.ndarray
+    pooled: list[np.ndarray]
+    patches: np.ndarray | None
+    errors: list[ImageError]
+
+
+def pick_levels(
+    pooled: Sequence[np.ndarray], computed: Sequence[int], wanted: Sequence[int]
+) -> list[np.ndarray]:
+    """The pooled features of the ``wanted`` levels, out of those of the ``computed`` ones."""
+    computed = list(computed)
+    return [pooled[computed.index(level)] for level in wanted]
 
 
 def decode_resized(
@@ -96,14 +118,24 @@ def autocast_for(device: torch.device) -> AbstractContextManager:
     return nullcontext()
 
 
-def pooled_features(backbone: Backbone, x: torch.Tensor) -> list[np.ndarray]:
-    """Run the backbone on a normalised batch: (B, d_l) float32 arrays per selected level.
+def forward(
+    backbone: Backbone, x: torch.Tensor, layout: PatchLayout | None = None
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """One backbone pass over a normalised batch: (B, d_l) float32 pooled features per
+    selected level and, with a ``layout``, the (B, P, d) float32 patch features.
 
     On CUDA under bf16 autocast (fp16 where the GPU lacks bf16); on CPU in float32.
     """
-    with torch.inference_mode(), autocast_for(x.device):
-        pooled = backbone(x)
-    return [p.float().cpu().numpy() for p in pooled]
+    with torch.inference_mode():
+        if layout is None:
+            with autocast_for(x.device):
+                pooled = backbone(x)
+            return [p.float().cpu().numpy() for p in pooled], None
+        with autocast_for(x.device):
+            maps = backbone.forward_maps(x)
+        pooled = [m.mean(dim=(2, 3), dtype=torch.float32).cpu().numpy() for m in maps]
+        chosen = [maps[backbone.levels.index(level)] for level in layout.levels]
+        return pooled, patch_features(chosen, layout.grid, np.asarray(layout.channel_index))
 
 
 def _per_source(value, n: int, what: str) -> Sequence:
@@ -158,110 +190,84 @@ def _resolve_device(backbone: Backbone, device: str | torch.device | None) -> to
     return target
 
 
-def iter_input_batches(
+def iter_batches(
     backbone: Backbone,
     sources: Sequence[ImageSource],
+    options: LoaderOptions = DEFAULT_LOADER,
     *,
-    batch_size: int = 32,
-    workers: int = 2,
+    layout: PatchLayout | None = None,
     transform: Transform | Sequence[Transform | None] | None = None,
     names: Sequence[str] | None = None,
-    device: str | torch.device | None = None,
-) -> Iterator[tuple[np.ndarray, torch.Tensor | None, list[ImageError]]]:
-    """Stream (indices, normalised model input on the device, errors) per batch, in input order.
-
-    The input is None when no image of the batch decoded. Arguments as for
-    :func:`iter_feature_batches`.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if names is not None and len(names) != len(sources):
-        raise ValueError(f"names: {len(names)} given for {len(sources)} sources")
-    target = _resolve_device(backbone, device)
-    normalize = InputNormalizer(backbone, target)
-    size = backbone.spec.image_size
-    for batch in _decode_batches(sources, size, batch_size, workers, transform, names):
-        decoded = [(i, item) for i, item in batch if isinstance(item, np.ndarray)]
-        errors = [item for _, item in batch if isinstance(item, ImageError)]
-        indices = np.array([i for i, _ in decoded], dtype=np.int64)
-        x = None
-        if decoded:
-            x = normalize(torch.from_numpy(np.stack([item for _, item in decoded])))
-        yield indices, x, errors
-
-
-def iter_feature_batches(
-    backbone: Backbone,
-    sources: Sequence[ImageSource],
-    *,
-    batch_size: int = 32,
-    workers: int = 2,
-    transform: Transform | Sequence[Transform | None] | None = None,
-    names: Sequence[str] | None = None,
-    device: str | torch.device | None = None,
-) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[ImageError]]]:
-    """Stream (indices, per-level (n, d_l) float32 arrays, errors) per batch, in input order.
+    progress: bool = False,
+) -> Iterator[Batch]:
+    """Stream one :class:`Batch` per ``options.batch_size`` sources, in input order.
 
     ``sources`` are paths, bytes, PIL images or uint8 arrays (HxWx3 or HxW);
     ``transform`` maps PIL -> PIL after decoding and before resizing (one for all, or
     one per source); ``names`` label the sources in error records (default: the path,
     or the position for in-memory sources). Images that fail to decode become
-    ImageError records; the batch goes on without them. ``device`` defaults to the
-    backbone's (the backbone is moved if another is given).
+    ImageError records; the batch goes on without them. With a patch ``layout`` each
+    batch also carries patch features from the same pass. ``options.device`` defaults
+    to the backbone's (the backbone is moved if another is given).
     """
-    batches = iter_input_batches(
-        backbone,
-        sources,
-        batch_size=batch_size,
-        workers=workers,
-        transform=transform,
-        names=names,
-        device=device,
-    )
-    for indices, x, errors in batches:
-        if x is None:
-            levels = [np.empty((0, d), dtype=np.float32) for d in backbone.level_dims]
+    if names is not None and len(names) != len(sources):
+        raise ValueError(f"names: {len(names)} given for {len(sources)} sources")
+    target = _resolve_device(backbone, options.device)
+    normalize = InputNormalizer(backbone, target)
+    size = backbone.spec.image_size
+    batches = _decode_batches(sources, size, options.batch_size, options.workers, transform, names)
+    if progress:
+        total = math.ceil(len(sources) / options.batch_size)
+        batches = tqdm(batches, total=total, desc="features", unit="batch")
+    for batch in batches:
+        decoded = [(i, item) for i, item in batch if isinstance(item, np.ndarray)]
+        errors = [item for _, item in batch if isinstance(item, ImageError)]
+        index = np.array([i for i, _ in decoded], dtype=np.int64)
+        if decoded:
+            x = normalize(torch.from_numpy(np.stack([item for _, item in decoded])))
+            pooled, patches = forward(backbone, x, layout)
         else:
-            levels = pooled_features(backbone, x)
-        yield indices, levels, errors
+            pooled = [np.empty((0, d), dtype=np.float32) for d in backbone.level_dims]
+            patches = None if layout is None else _empty_patches(layout)
+        yield Batch(index, pooled, patches, errors)
+
+
+def _empty_patches(layout: PatchLayout) -> np.ndarray:
+    return np.empty((0, layout.n_positions, len(layout.channel_index)), np.float32)
 
 
 def extract(
     backbone: Backbone,
     sources: Sequence[ImageSource],
+    options: LoaderOptions = DEFAULT_LOADER,
     *,
-    batch_size: int = 32,
-    workers: int = 2,
+    layout: PatchLayout | None = None,
     transform: Transform | Sequence[Transform | None] | None = None,
     names: Sequence[str] | None = None,
-    device: str | torch.device | None = None,
     progress: bool = False,
 ) -> Features:
-    """Extract the backbone's selected levels for all ``sources`` (see iter_feature_batches)."""
-    batches = iter_feature_batches(
-        backbone,
-        sources,
-        batch_size=batch_size,
-        workers=workers,
-        transform=transform,
-        names=names,
-        device=device,
+    """All of :func:`iter_batches`' batches, concatenated."""
+    batches = list(
+        iter_batches(
+            backbone,
+            sources,
+            options,
+            layout=layout,
+            transform=transform,
+            names=names,
+            progress=progress,
+        )
     )
-    if progress:
-        total = math.ceil(len(sources) / batch_size)
-        batches = tqdm(batches, total=total, desc="features", unit="batch")
-    indices: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
-    per_level: list[list[np.ndarray]] = [
-        [np.empty((0, d), dtype=np.float32)] for d in backbone.level_dims
+    empty = [np.empty((0, d), dtype=np.float32) for d in backbone.level_dims]
+    pooled = [
+        np.concatenate([empty[i], *(b.pooled[i] for b in batches)]) for i in range(len(empty))
     ]
-    errors: list[ImageError] = []
-    for batch_indices, levels, batch_errors in batches:
-        indices.append(batch_indices)
-        for collected, level in zip(per_level, levels, strict=True):
-            collected.append(level)
-        errors.extend(batch_errors)
+    patches = None
+    if layout is not None:
+        patches = np.concatenate([_empty_patches(layout), *(b.patches for b in batches)])
     return Features(
-        levels=[np.concatenate(collected) for collected in per_level],
-        index=np.concatenate(indices),
-        errors=errors,
+        index=np.concatenate([np.empty(0, np.int64), *(b.index for b in batches)]),
+        pooled=pooled,
+        patches=patches,
+        errors=[e for b in batches for e in b.errors],
     )

@@ -30,7 +30,7 @@ import pandas as pd
 import zarr
 from fsspec.core import url_to_fs
 
-from gaussian_ad.images import ImageError, ImageRecord
+from gaussian_ad.data.images import ImageError, ImageRecord
 
 MANIFEST = "manifest.parquet"
 DTYPES = ("float32", "float16")

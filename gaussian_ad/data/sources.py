@@ -44,7 +44,7 @@ from typing import BinaryIO, Protocol
 import fsspec
 import fsspec.core
 
-from gaussian_ad.images import IMAGE_EXTENSIONS, ImageError, ImageRecord, folder_manifest
+from gaussian_ad.data.images import IMAGE_EXTENSIONS, ImageError, ImageRecord, folder_manifest
 
 TAR_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 ZIP_SUFFIXES: tuple[str, ...] = (".zip",)

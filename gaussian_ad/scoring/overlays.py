@@ -11,9 +11,9 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from gaussian_ad.detector import Scores
-from gaussian_ad.fusion import Standardizer
-from gaussian_ad.images import ImageSource, load_rgb
+from gaussian_ad.data.images import ImageSource, load_rgb
+from gaussian_ad.detection.scores import Scores
+from gaussian_ad.stats.fusion import Standardizer
 
 MAP_ALPHA = 0.5
 
@@ -77,7 +77,9 @@ def write_overlays(
     under ``out/folder``; returns input position -> file name relative to ``out``."""
     if scores.maps is None:
         raise ValueError("no anomaly maps in these scores: score with maps=True")
-    written = {}
+    written: dict[int, str] = {}
+    if scores.is_anomaly is None:
+        return written
     for row in np.flatnonzero(scores.is_anomaly):
         position = int(scores.index[row])
         written[position] = overlay_name(folder, position, names[position])

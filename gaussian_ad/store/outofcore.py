@@ -19,9 +19,10 @@ import zarr
 from dask.delayed import Delayed
 from distributed import get_worker, worker_client
 
-from gaussian_ad.gaussian import GaussianAD
-from gaussian_ad.moments import BatchMoments, Moments
-from gaussian_ad.store import FeatureStore
+from gaussian_ad.stats.gaussian import GaussianAD
+from gaussian_ad.stats.moments import BatchMoments, Moments
+from gaussian_ad.stats.patch_gaussian import PatchGaussian
+from gaussian_ad.store.feature_store import FeatureStore
 
 
 @lru_cache(maxsize=8)
@@ -202,7 +203,7 @@ def fit_store(
             f"{store.url}: {len(pending)} of {store.n_shards} shards are not extracted yet "
             f"(first: {pending[:5]}); finish the extraction or pass allow_incomplete=True"
         )
-    model = GaussianAD(reduction, variance_threshold)
+    model = GaussianAD(reduction=reduction, variance_threshold=variance_threshold)
     raw = store_moments(store, selected, split_every=split_every)
     model.fit_components(raw)
     if reduction is None:
@@ -216,3 +217,28 @@ def fit_store(
         ]
     )
     return model.fit_moments(list(projected))
+
+
+def fit_store_models(
+    store: FeatureStore,
+    reduction: str | None = None,
+    variance_threshold: float = 0.99,
+    *,
+    selected: np.ndarray | None = None,
+    base: tuple[GaussianAD, PatchGaussian | None] | None = None,
+) -> tuple[GaussianAD, PatchGaussian | None]:
+    """The image-level model and, for a store with patch features, the patch-level one.
+
+    With ``base`` (fitted models without reduction), the store's statistics are merged
+    into them instead: exact incremental retraining.
+    """
+    if base is None:
+        model = fit_store(store, reduction, variance_threshold, selected=selected)
+    else:
+        model = base[0].merge_moments(store_moments(store, selected))
+    if store.patch_layout is None:
+        return model, None
+    patch_sums = patch_moments(store, selected)
+    if base is not None and base[1] is not None:
+        return model, base[1].merge_moments(patch_sums)
+    return model, PatchGaussian().fit_moments(patch_sums)

@@ -8,20 +8,26 @@ from pathlib import Path
 
 import pandas as pd
 
-from gaussian_ad.detector import Scores
-from gaussian_ad.images import ImageError
+from gaussian_ad.data.images import ImageError
+from gaussian_ad.detection.scores import Scores
 
 
 def score_table(paths: Sequence[str], scores: Scores, levels: Sequence[int]) -> pd.DataFrame:
     """One row per scored image: path, score, score_l<level>..., [image_score, patch_score,]
-    is_anomaly (image_score and patch_score when the detector has a patch model)."""
+    is_anomaly (image_score and patch_score when the detector has a patch model;
+    is_anomaly is missing, not False, for a detector without a threshold)."""
+    if scores.scores is None:
+        raise ValueError("no chosen score: the fused score needs a calibrated detector")
     table = pd.DataFrame({"path": list(paths), "score": scores.scores})
     for column, level in enumerate(levels):
         table[f"score_l{level}"] = scores.level_scores[:, column]
     if scores.patch_scores is not None:
         table["image_score"] = scores.image_scores
         table["patch_score"] = scores.patch_scores
-    table["is_anomaly"] = scores.is_anomaly
+    if scores.is_anomaly is None:  # no threshold: unknown, not False
+        table["is_anomaly"] = pd.array([pd.NA] * len(table), dtype="boolean")
+    else:
+        table["is_anomaly"] = scores.is_anomaly
     return table
 
 

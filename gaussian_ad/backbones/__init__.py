@@ -1,0 +1,1 @@
+"""Pretrained backbones: supported architectures, level taps and offline weight resolution."""

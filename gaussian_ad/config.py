@@ -1,0 +1,160 @@
+"""Typed, frozen, validated configuration: what defines a model, and how it runs.
+
+``DetectorConfig`` is everything that, with the fitted statistics, defines a detector;
+``LoaderOptions`` is how it runs (device, batch size, decoding threads, where the weights
+are). Both validate on construction and name the offending field, so a bad value fails
+before any image is decoded. Torch-free: validating a configuration imports no model code.
+
+Both are plain frozen dataclasses; pydantic (and so Prefect's parameter forms) validates
+them as nested fields and rejects unknown keys (``__pydantic_config__``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Self, get_args
+
+from gaussian_ad.backbones.specs import BACKBONES, parse_levels
+
+ScoreKind = Literal["image", "patch", "fused"]
+Reduction = Literal["pca", "npca"]
+SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
+REDUCTIONS: tuple[str | None, ...] = (None, *get_args(Reduction))
+DEFAULT_PATCH_CHANNELS = 100  # PaDiM's d for ResNet-18
+
+
+def parse_reduction(text: str | None) -> Reduction | None:
+    """``"none"``/None -> None; ``"pca"``/``"npca"`` (any case) as is; else ValueError."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    value = text.strip().lower()
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction: must be none, pca or npca, got {text!r}")
+    return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """What defines a detector, besides its fitted statistics.
+
+    Parameters
+    ----------
+    backbone : a key of ``BACKBONES`` ("lite0", "b4", "resnet18", ...).
+    levels : the image-level model's levels, as a tuple or text ("1-9", "7", "3,5,7").
+    reduction : None, "pca" or "npca" (see :class:`~gaussian_ad.stats.gaussian.GaussianAD`).
+    variance_threshold : the cumulative explained variance t that splits PCA from NPCA.
+    score : the score that ranks and thresholds images: "image", "patch" or "fused".
+    patch : also fit the patch-level model (anomaly maps); required by "patch"/"fused".
+    patch_grid, patch_channels : the patch layout (None grid: the stride-8 grid).
+    seed : seed of the patch channels, the hold-out split and augmentation.
+    pretrained : False only to ask explicitly for random backbone weights.
+
+    Examples
+    --------
+    >>> DetectorConfig(levels="6-8").levels
+    (6, 7, 8)
+    >>> DetectorConfig(score="fused")
+    Traceback (most recent call last):
+    ...
+    ValueError: score: 'fused' needs the patch-level model: set patch=True
+    """
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
+
+    backbone: str = "lite0"
+    levels: tuple[int, ...] | str | None = None
+    reduction: Reduction | None = None
+    variance_threshold: float = 0.99
+    score: ScoreKind = "image"
+    patch: bool = False
+    patch_grid: int | None = None
+    patch_channels: int = DEFAULT_PATCH_CHANNELS
+    seed: int = 0
+    pretrained: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"backbone: unknown {self.backbone!r}; choose from {sorted(BACKBONES)}"
+            )
+        try:
+            levels = parse_levels(self.levels, BACKBONES[self.backbone].n_levels)
+        except ValueError as error:
+            raise ValueError(f"levels: {error}") from None
+        object.__setattr__(self, "levels", levels)
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: must be None, 'pca' or 'npca', got {self.reduction!r}")
+        if not 0.0 < self.variance_threshold < 1.0:
+            raise ValueError(
+                f"variance_threshold: must lie in (0, 1), got {self.variance_threshold}"
+            )
+        if self.score not in SCORE_KINDS:
+            raise ValueError(f"score: must be one of {SCORE_KINDS}, got {self.score!r}")
+        if self.score != "image" and not self.patch:
+            raise ValueError(f"score: {self.score!r} needs the patch-level model: set patch=True")
+        if self.patch_grid is not None and self.patch_grid < 1:
+            raise ValueError(f"patch_grid: must be >= 1 or None, got {self.patch_grid}")
+        if self.patch_channels < 1:
+            raise ValueError(f"patch_channels: must be >= 1, got {self.patch_channels}")
+
+    @property
+    def image_size(self) -> int:
+        """The backbone's native square input size."""
+        return BACKBONES[self.backbone].image_size
+
+    @property
+    def image_levels(self) -> tuple[int, ...]:
+        """The levels as a tuple (``levels`` after validation)."""
+        return self.levels  # type: ignore[return-value]
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; :meth:`from_dict` inverts it."""
+        return {**dataclasses.asdict(self), "levels": list(self.image_levels)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """From :meth:`to_dict`; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown detector settings {unknown}; known: {sorted(names)}")
+        values = dict(data)
+        if isinstance(values.get("levels"), list):
+            values["levels"] = tuple(values["levels"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a detector runs; none of it changes what it computes.
+
+    Parameters
+    ----------
+    device : "cpu", "cuda", "cuda:1"; None = CUDA when present.
+    batch_size : images per forward pass.
+    workers : decoding threads.
+    weights : a backbone weights file; None = resolve offline (see backbones.models).
+    """
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
+
+    device: str | None = None
+    batch_size: int = 32
+    workers: int = 2
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers: must be >= 0, got {self.workers}")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", str(self.weights))
+
+
+DEFAULT_LOADER = LoaderOptions()

@@ -1,0 +1,1 @@
+"""Image data: decoding, manifests, scoring sources, synthetic data and augmentation."""

@@ -1,0 +1,1 @@
+"""The detector: a configuration plus fitted models; images in, scores out."""

@@ -1,0 +1,373 @@
+"""Detector: a configuration plus fitted models — images in, scores (and maps) out.
+
+The image-level :class:`GaussianAD` of Rippel et al. is always fitted; with
+``config.patch`` a :class:`PatchGaussian` is fitted from the same backbone pass, giving
+anomaly maps, and ``config.score`` chooses the score that ranks and thresholds images:
+the summed image-level Mahalanobis ("image"), the map maximum ("patch") or their
+standardised sum ("fused"). Per-level scores stay available in every case.
+
+This is the one implementation of fit (:meth:`Detector.fit` from images, or
+:meth:`Detector.set_models` from statistics reduced elsewhere), calibration
+(:meth:`Detector.calibrate_scores`) and scoring (:meth:`Detector.score_features`); the
+CLI, the Prefect tasks, the evaluation and the selection all go through them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+from sklearn.exceptions import NotFittedError
+
+from gaussian_ad.backbones.models import Backbone, cached_backbone
+from gaussian_ad.config import DetectorConfig, LoaderOptions
+from gaussian_ad.data.images import ImageError, ImageSource
+from gaussian_ad.detection.scores import Scores, concat_scores
+from gaussian_ad.features.extract import iter_batches, pick_levels
+from gaussian_ad.features.layout import PatchLayout
+from gaussian_ad.stats.calibration import Calibration
+from gaussian_ad.stats.gaussian import GaussianAD
+from gaussian_ad.stats.moments import BatchMoments
+from gaussian_ad.stats.patch_gaussian import PatchGaussian
+from gaussian_ad.store.feature_store import FeatureStore
+from gaussian_ad.store.outofcore import fit_store_models
+
+logger = logging.getLogger(__name__)
+
+PATCH_SUFFIX = ".patch.safetensors"
+
+
+class Detector:
+    """Images in, scores out: a :class:`DetectorConfig` plus the models fitted for it.
+
+    Parameters
+    ----------
+    config : what defines the detector (backbone, levels, reduction, score, patch layout).
+    loader : how it runs (device, batch size, decoding threads, weights file).
+
+    Attributes
+    ----------
+    model_ : GaussianAD, the image-level model.
+    patch_model_, patch_layout_ : the patch-level model and its layout (None without).
+    calibration_ : the threshold and the fused score's standardiser (None until calibrated).
+    errors_ : the training images that could not be read.
+    """
+
+    def __init__(
+        self, config: DetectorConfig | None = None, loader: LoaderOptions | None = None
+    ) -> None:
+        self.config = config or DetectorConfig()
+        self.loader = loader or LoaderOptions()
+
+    # ----------------------------------------------------------------- backbone
+    @property
+    def backbone_levels(self) -> tuple[int, ...]:
+        """The levels the backbone computes: the image-level ones plus the patch levels."""
+        levels = set(self.config.image_levels)
+        if self.config.patch:
+            layout = getattr(self, "patch_layout_", None)
+            levels |= set(layout.levels if layout else self._default_patch_levels())
+        return tuple(sorted(levels))
+
+    def _default_patch_levels(self) -> tuple[int, ...]:
+        from gaussian_ad.backbones.specs import BACKBONES
+        from gaussian_ad.features.layout import default_patch_levels
+
+        return default_patch_levels(BACKBONES[self.config.backbone])
+
+    def backbone_module(self) -> Backbone:
+        """The frozen backbone (one per process for each configuration)."""
+        return cached_backbone(
+            self.config.backbone,
+            self.backbone_levels,
+            self.loader.weights,
+            self.config.pretrained,
+            self.loader.device,
+        )
+
+    def image_levels_of(self, pooled: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The image-level model's levels out of the backbone's pooled features."""
+        return pick_levels(pooled, self.backbone_levels, self.config.image_levels)
+
+    # ----------------------------------------------------------------- fitting
+    def fit(self, sources: Sequence[ImageSource], progress: bool = False) -> Self:
+        """Fit on normal images (one backbone pass for both models); unreadable ones are
+        skipped and kept in ``errors_``. Call :meth:`calibrate` next for a threshold."""
+        backbone = self.backbone_module()
+        layout = PatchLayout.for_config(backbone, self.config) if self.config.patch else None
+        passed = training_pass(backbone, sources, self.loader, layout, progress)
+        model = GaussianAD(
+            reduction=self.config.reduction, variance_threshold=self.config.variance_threshold
+        ).fit(self.image_levels_of(passed.pooled))
+        patch_model = None
+        if passed.patch_sums is not None:
+            patch_model = PatchGaussian().fit_moments(passed.patch_sums)
+        return self.set_models(model, patch_model, layout, passed.errors)
+
+    def set_models(
+        self,
+        model: GaussianAD,
+        patch_model: PatchGaussian | None = None,
+        layout: PatchLayout | None = None,
+        errors: Sequence[ImageError] = (),
+    ) -> Self:
+        """Take fitted models (e.g. reduced out-of-core); clears any calibration."""
+        if self.config.patch != (patch_model is not None) or (patch_model is None) != (
+            layout is None
+        ):
+            raise ValueError(
+                f"patch={self.config.patch} needs "
+                + ("a patch model and its layout" if self.config.patch else "no patch model")
+            )
+        if len(model.n_features_in_) != len(self.config.image_levels):
+            raise ValueError(
+                f"the image-level model has {len(model.n_features_in_)} levels, the "
+                f"configuration {len(self.config.image_levels)}"
+            )
+        self.model_ = model
+        self.patch_model_ = patch_model
+        self.patch_layout_ = layout
+        self.calibration_: Calibration | None = None
+        self.errors_ = list(errors)
+        return self
+
+    def fit_store(self, store: FeatureStore, rows: np.ndarray | None = None) -> Self:
+        """Fit from a feature store's ``rows`` (default: all) on Dask, out-of-core.
+
+        A fitted detector merges the rows' statistics into its models instead (exact
+        incremental retraining; needs reduction=None and the same patch layout).
+        """
+        selected = None
+        if rows is not None:
+            selected = np.zeros(store.n_rows, dtype=bool)
+            selected[rows] = True
+        if list(store.levels) != list(self.config.image_levels):
+            raise ValueError(
+                f"{store.url}: holds levels {list(store.levels)}, the detector uses "
+                f"{list(self.config.image_levels)}"
+            )
+        layout = None if store.patch_layout is None else PatchLayout.from_dict(store.patch_layout)
+        base = None
+        if hasattr(self, "model_"):
+            if layout != self.patch_layout_:
+                raise ValueError(f"{store.url}: another patch layout than the detector's")
+            base = (self.model_, self.patch_model_)
+        model, patch_model = fit_store_models(
+            store,
+            self.config.reduction,
+            self.config.variance_threshold,
+            selected=selected,
+            base=base,
+        )
+        logger.info("fitted on %d rows of %s", model.n_samples_, store.url)
+        return self.set_models(model, patch_model, layout, store.errors())
+
+    def calibrate(
+        self, heldout: Sequence[ImageSource], target_fpr: float = 0.01, progress: bool = False
+    ) -> Self:
+        """Calibrate on held-out normal images (see :meth:`calibrate_scores`)."""
+        return self.calibrate_scores(self.score(heldout, progress=progress), target_fpr)
+
+    def calibrate_scores(self, heldout: Scores, target_fpr: float = 0.01) -> Self:
+        """Set ``calibration_`` (threshold of the chosen score, fused score's standardiser)
+        from held-out normal images' scores."""
+        self.calibration_ = Calibration.fit(
+            self.config.score, heldout.image_scores, heldout.patch_scores, target_fpr
+        )
+        logger.info(
+            "calibrated the %s score: threshold %.4g at FPR %g on %d held-out normals",
+            self.config.score,
+            self.calibration_.threshold,
+            target_fpr,
+            self.calibration_.n_normals,
+        )
+        return self
+
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold of the chosen score (None before calibration)."""
+        calibration = getattr(self, "calibration_", None)
+        return None if calibration is None else calibration.threshold
+
+    # ----------------------------------------------------------------- scoring
+    def check_fitted(self) -> None:
+        """Raise NotFittedError before :meth:`fit`, :meth:`set_models` or :meth:`load`."""
+        if not hasattr(self, "model_"):
+            raise NotFittedError("this Detector is not fitted yet: call fit() or load()")
+
+    def score(
+        self,
+        sources: Sequence[ImageSource],
+        names: Sequence[str] | None = None,
+        maps: bool = False,
+        progress: bool = False,
+    ) -> Scores:
+        """Score images; unreadable ones become error records, the rest go on.
+
+        With a patch model, ``maps=True`` also returns the anomaly maps (at the
+        backbone's input size; about 200 kB an image at 224 px).
+        """
+        self.check_fitted()
+        if maps and self.patch_model_ is None:
+            raise ValueError("anomaly maps need the patch-level model (patch=True)")
+        parts, errors = [], []
+        for batch in iter_batches(
+            self.backbone_module(),
+            sources,
+            self.loader,
+            layout=self.patch_layout_,
+            names=names,
+            progress=progress,
+        ):
+            errors.extend(batch.errors)
+            levels = self.image_levels_of(batch.pooled)
+            parts.append(self.score_features(levels, batch.patches, maps, batch.index))
+        return concat_scores(parts, errors, len(self.config.image_levels))
+
+    def score_features(
+        self,
+        levels: Sequence[np.ndarray],
+        patches: np.ndarray | None = None,
+        maps: bool = False,
+        index: np.ndarray | None = None,
+        patch_scores: np.ndarray | None = None,
+    ) -> Scores:
+        """Score extracted features: the image-level levels and, for a patch model, the
+        (n, P, d) patch features (or their already computed ``patch_scores``); ``index``
+        labels the rows (default 0..n-1)."""
+        self.check_fitted()
+        n = len(levels[0])
+        n_levels = len(self.config.image_levels)
+        level_scores = self.model_.level_scores(levels) if n else np.zeros((0, n_levels))
+        anomaly_maps = None
+        if self.patch_model_ is not None and patches is not None:
+            size = self.config.image_size
+            if n:
+                patch_scores, anomaly_maps = self.patch_model_.anomaly_maps(patches, size)
+            else:
+                patch_scores, anomaly_maps = np.empty(0), np.empty((0, size, size), np.float32)
+        scores = Scores(
+            index=np.arange(n) if index is None else np.asarray(index),
+            level_scores=level_scores,
+            patch_scores=patch_scores,
+            maps=anomaly_maps if maps else None,
+        )
+        return self.decide(scores)
+
+    def decide(self, scores: Scores) -> Scores:
+        """Fill in the chosen score and, with a threshold, the decisions."""
+        kind, calibration = self.config.score, getattr(self, "calibration_", None)
+        if calibration is not None:
+            scores.scores = calibration.scores(scores.image_scores, scores.patch_scores)
+            scores.is_anomaly = scores.scores > calibration.threshold
+        elif kind == "image":
+            scores.scores = scores.image_scores
+        elif kind == "patch" and scores.patch_scores is not None:
+            scores.scores = np.asarray(scores.patch_scores, np.float64)
+        return scores
+
+    # ------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """The statistics plus the configuration, as safetensors files (no pickle).
+
+        ``path`` holds the image-level model, the configuration and the calibration; a
+        patch model goes next to it, in ``<stem>.patch.safetensors``. The backbone weights
+        are referenced, not copied.
+        """
+        self.check_fitted()
+        path = Path(path)
+        metadata: dict[str, Any] = {
+            "detector_config": self.config.to_dict(),
+            "weights": self.loader.weights,
+            "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
+        }
+        if self.patch_model_ is not None and self.patch_layout_ is not None:
+            metadata["patch_file"] = patch_path(path).name
+            metadata["patch_layout"] = self.patch_layout_.to_dict()
+            self.patch_model_.save(patch_path(path))
+        return self.model_.save(path, metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, loader: LoaderOptions | None = None) -> Detector:
+        """Load a saved detector; ``loader`` says how it runs (default: the saved weights)."""
+        path = Path(path)
+        model = GaussianAD.load(path)
+        metadata = model.metadata_
+        if "detector_config" not in metadata:
+            raise ValueError(f"{path}: a GaussianAD file without a detector configuration")
+        try:
+            config = DetectorConfig.from_dict(metadata["detector_config"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: invalid detector configuration: {error}") from None
+        loader = loader or LoaderOptions()
+        if loader.weights is None and metadata.get("weights"):
+            loader = LoaderOptions(
+                loader.device, loader.batch_size, loader.workers, metadata["weights"]
+            )
+        detector = cls(config, loader)
+        patch_model, layout = None, None
+        if metadata.get("patch_file") is not None:
+            patch_file = path.parent / Path(metadata["patch_file"]).name
+            if not patch_file.is_file():
+                raise FileNotFoundError(
+                    f"{path}: its patch-level model {patch_file.name} is missing"
+                )
+            patch_model = PatchGaussian.load(patch_file)
+            layout = PatchLayout.from_dict(metadata["patch_layout"])
+        detector.set_models(model, patch_model, layout)
+        if metadata.get("calibration") is not None:
+            detector.calibration_ = Calibration.from_dict(metadata["calibration"])
+        return detector
+
+
+def patch_path(path: str | Path) -> Path:
+    """Where the patch-level model of a detector saved at ``path`` goes."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + PATCH_SUFFIX)
+
+
+@dataclass
+class TrainingPass:
+    """What one backbone pass over training images gives: pooled features of every
+    backbone level (kept: PCA needs them twice) and the patch features' sums (streamed)."""
+
+    pooled: list[np.ndarray]
+    index: np.ndarray
+    patch_sums: BatchMoments | None
+    errors: list[ImageError]
+
+
+def training_pass(
+    backbone: Backbone,
+    sources: Sequence[ImageSource],
+    loader: LoaderOptions,
+    layout: PatchLayout | None = None,
+    progress: bool = False,
+) -> TrainingPass:
+    """One pass over training images; at least 2 must decode."""
+    pooled: list[list[np.ndarray]] = []
+    index: list[np.ndarray] = []
+    errors: list[ImageError] = []
+    patch_sums: BatchMoments | None = None
+    for batch in iter_batches(backbone, sources, loader, layout=layout, progress=progress):
+        errors.extend(batch.errors)
+        if not len(batch.index):
+            continue
+        pooled.append(batch.pooled)
+        index.append(batch.index)
+        if batch.patches is not None:
+            shift = None if patch_sums is None else patch_sums.shift
+            part = BatchMoments.from_array(batch.patches, shift)
+            patch_sums = part if patch_sums is None else patch_sums + part
+    n = sum(len(i) for i in index)
+    if n < 2:
+        raise ValueError(
+            f"need at least 2 readable training images, got {n}"
+            + "".join(f"\n  {e.path}: {e.reason}" for e in errors)
+        )
+    levels = [np.concatenate(parts) for parts in zip(*pooled, strict=True)]
+    return TrainingPass(levels, np.concatenate(index), patch_sums, errors)

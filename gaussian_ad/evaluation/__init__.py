@@ -1,0 +1,1 @@
+"""Evaluation on labelled test sets, configuration selection, and the HTML report."""

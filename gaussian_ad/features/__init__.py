@@ -1,0 +1,1 @@
+"""Feature extraction: pooled levels and patch features from one backbone pass."""

@@ -1,0 +1,1 @@
+"""MLflow: the detector as a pyfunc model, registered versions, aliases and promotion."""

@@ -1,0 +1,1 @@
+"""Scoring outputs: score and error tables, map overlays, and whole shards of a scoring run."""

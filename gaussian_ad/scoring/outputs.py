@@ -1,0 +1,101 @@
+"""Scoring to outputs: images -> score rows (+ map overlays), and a scoring run's shards.
+
+One implementation for the CLI's ``score`` and the scoring flow's shards: the detector
+scores the images, the flagged ones get their overlays when maps are asked for, and the
+rows say where each overlay went.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gaussian_ad.data.images import ImageError, ImageSource
+from gaussian_ad.data.sources import SourceItem, read_items
+from gaussian_ad.detection.detector import Detector
+from gaussian_ad.scoring.overlays import write_overlays
+from gaussian_ad.scoring.tables import error_table, score_table, write_table
+
+logger = logging.getLogger(__name__)
+
+
+def score_rows(
+    detector: Detector,
+    sources: Sequence[ImageSource],
+    names: Sequence[str],
+    maps_root: str | Path | None = None,
+    maps_folder: str = ".",
+    progress: bool = False,
+) -> tuple[pd.DataFrame, list[ImageError], int]:
+    """(score rows, unreadable images, overlays written) for ``sources`` labelled ``names``.
+
+    With ``maps_root``, the overlay of every flagged image goes under
+    ``maps_root/maps_folder`` and the rows' ``map`` column names it relative to
+    ``maps_root`` (empty for the others).
+    """
+    result = detector.score(sources, names=names, maps=maps_root is not None, progress=progress)
+    table = score_table([names[i] for i in result.index], result, detector.config.image_levels)
+    written: dict[int, str] = {}
+    if maps_root is not None:
+        standardizer = None if detector.calibration_ is None else detector.calibration_.standardizer
+        written = write_overlays(result, sources, names, maps_root, maps_folder, standardizer)
+        table["map"] = [written.get(int(i), "") for i in result.index]
+    return table, result.errors, len(written)
+
+
+def part_path(out: str | Path, kind: str, shard: int) -> Path:
+    """Where a shard's scores or errors go: ``<out>/<kind>/part-<shard>.parquet``."""
+    return Path(out) / kind / f"part-{shard:05d}.parquet"
+
+
+def score_shard(
+    detector: Detector,
+    items: Sequence[SourceItem],
+    shard: int,
+    out: str | Path,
+    model: tuple[str, str],
+    maps: bool = False,
+) -> dict[str, Any]:
+    """Score one shard of a scoring run into ``out``; its scores part is written last,
+    atomically: the commit point (a finished shard is skipped).
+
+    ``model`` is the (registered name, version) recorded in every row. With ``maps``, the
+    overlays of the flagged images go to ``maps/part-<shard>/`` first.
+    """
+    scores_part = part_path(out, "scores", shard)
+    if scores_part.exists():
+        logger.info("shard %d already scored (%s), skipped", shard, scores_part)
+        return {"shard": shard, "skipped": True}
+    started = time.perf_counter()
+    names, contents, errors = [], [], []
+    for item, content in read_items(items):
+        if isinstance(content, ImageError):
+            errors.append(content)
+        else:
+            names.append(item.name)
+            contents.append(content)
+    table, score_errors, n_maps = score_rows(
+        detector, contents, names, out if maps else None, f"maps/part-{shard:05d}"
+    )
+    errors += score_errors
+    table["model_name"], table["model_version"] = model
+    table["shard"] = np.int32(shard)
+    errors_table = error_table(errors)
+    errors_table["shard"] = np.int32(shard)
+    write_table(errors_table, part_path(out, "errors", shard))
+    write_table(table, scores_part)
+    return {
+        "shard": shard,
+        "skipped": False,
+        "rows": len(table),
+        "anomalies": int(table["is_anomaly"].fillna(False).sum()),
+        "errors": len(errors),
+        "maps": n_maps,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

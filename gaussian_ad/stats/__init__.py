@@ -1,0 +1,1 @@
+"""The statistical core: moments, Gaussians, thresholds, calibration, metrics (numpy only)."""
