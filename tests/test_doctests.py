@@ -1,4 +1,4 @@
-"""The Examples sections of the statistical core run as doctests."""
+"""The Examples sections of the public API and the statistical core run as doctests."""
 
 import doctest
 import importlib
@@ -11,7 +11,12 @@ import gaussian_ad.stats
 STATS_MODULES = sorted(
     f"gaussian_ad.stats.{info.name}" for info in pkgutil.iter_modules(gaussian_ad.stats.__path__)
 )
-WITH_EXAMPLES = ("gaussian_ad.stats.gaussian", "gaussian_ad.stats.patch_gaussian")
+WITH_EXAMPLES = (
+    "gaussian_ad",
+    "gaussian_ad.config",
+    "gaussian_ad.stats.gaussian",
+    "gaussian_ad.stats.patch_gaussian",
+)
 
 
 def run_doctests(name: str) -> doctest.TestResults:

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from gaussian_ad.backbones.models import load_backbone
-from gaussian_ad.features.extract import extract, iter_feature_batches
+from gaussian_ad.config import LoaderOptions
+from gaussian_ad.features.extract import extract, iter_batches
 
 N_IMAGES = 5
 
@@ -66,19 +67,19 @@ def test_extract_matches_manual_forward(backbone, arrays, png_paths, kind):
         "pil": [Image.fromarray(a) for a in arrays],
         "arrays": arrays,
     }[kind]
-    features = extract(backbone, sources, batch_size=2, workers=2)
+    features = extract(backbone, sources, LoaderOptions(batch_size=2, workers=2))
     assert features.errors == []
     np.testing.assert_array_equal(features.index, np.arange(N_IMAGES))
-    assert [level.shape for level in features.levels] == [
+    assert [level.shape for level in features.pooled] == [
         (N_IMAGES, d) for d in backbone.level_dims
     ]
-    assert_features_equal(features.levels, manual_features(backbone, arrays))
+    assert_features_equal(features.pooled, manual_features(backbone, arrays))
 
 
 def test_grayscale_array_is_replicated_to_rgb(backbone, arrays):
     gray = arrays[0][..., 0]
     features = extract(backbone, [gray])
-    assert_features_equal(features.levels, manual_features(backbone, [np.stack([gray] * 3, -1)]))
+    assert_features_equal(features.pooled, manual_features(backbone, [np.stack([gray] * 3, -1)]))
 
 
 def test_broken_file_becomes_an_error_record(backbone, arrays, png_paths, tmp_path):
@@ -86,24 +87,27 @@ def test_broken_file_becomes_an_error_record(backbone, arrays, png_paths, tmp_pa
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     missing = tmp_path / "missing.png"
     sources = [png_paths[0], png_paths[1], broken, png_paths[2], missing, png_paths[3]]
-    features = extract(backbone, sources, batch_size=2, workers=2)
+    features = extract(backbone, sources, LoaderOptions(batch_size=2, workers=2))
     np.testing.assert_array_equal(features.index, [0, 1, 3, 5])
     assert [error.path for error in features.errors] == [str(broken), str(missing)]
     assert all(error.reason for error in features.errors)
-    assert_features_equal(features.levels, manual_features(backbone, arrays[:4]))
+    assert_features_equal(features.pooled, manual_features(backbone, arrays[:4]))
 
 
 def test_all_broken_gives_empty_levels(backbone, tmp_path):
-    features = extract(backbone, [tmp_path / "a.png", tmp_path / "b.png"], batch_size=1)
+    features = extract(
+        backbone, [tmp_path / "a.png", tmp_path / "b.png"], LoaderOptions(batch_size=1)
+    )
     assert features.index.shape == (0,) and features.index.dtype == np.int64
-    assert [level.shape for level in features.levels] == [(0, d) for d in backbone.level_dims]
+    assert [level.shape for level in features.pooled] == [(0, d) for d in backbone.level_dims]
     assert len(features.errors) == 2
 
 
 def test_batches_stream_in_input_order(backbone, arrays):
-    batches = list(iter_feature_batches(backbone, arrays, batch_size=2, workers=3))
-    assert [indices.tolist() for indices, _, _ in batches] == [[0, 1], [2, 3], [4]]
-    assert [levels[0].shape[0] for _, levels, _ in batches] == [2, 2, 1]
+    batches = list(iter_batches(backbone, arrays, LoaderOptions(batch_size=2, workers=3)))
+    assert [batch.index.tolist() for batch in batches] == [[0, 1], [2, 3], [4]]
+    assert [batch.pooled[0].shape[0] for batch in batches] == [2, 2, 1]
+    assert all(batch.patches is None and batch.errors == [] for batch in batches)
 
 
 def test_transform_runs_before_resize(backbone, arrays):
@@ -112,4 +116,4 @@ def test_transform_runs_before_resize(backbone, arrays):
 
     features = extract(backbone, arrays[:2], transform=flip)
     flipped = [np.ascontiguousarray(a[:, ::-1]) for a in arrays[:2]]
-    assert_features_equal(features.levels, manual_features(backbone, flipped))
+    assert_features_equal(features.pooled, manual_features(backbone, flipped))

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from gaussian_ad.detection.detector import Detector
 from gaussian_ad.data.images import mvtec_manifest
 from gaussian_ad.registry.mlflow_model import load_detector
+from gaussian_ad_flows.options import TrainOptions
 from tests.conftest import copy_new_normals
 
 CATEGORY = "disc"
@@ -29,7 +30,7 @@ def trained(small_dataset, prefect_harness, mlflow_uri, tmp_path_factory) -> dic
     from gaussian_ad_flows.train import train
 
     home = tmp_path_factory.mktemp("home")
-    result = train(str(small_dataset), CATEGORY, shard_size=16, home=str(home))
+    result = train(str(small_dataset), CATEGORY, TrainOptions(shard_size=16, home=str(home)))
     return {**result, "home": str(home)}
 
 
@@ -49,7 +50,8 @@ def test_training_registers_a_tagged_champion(trained, mlflow_uri):
     assert len(tags["data_fingerprint"]) >= 16
     thresholds = json.loads(tags["thresholds"])
     assert len(thresholds["chi2_sigma3"]) == 9
-    assert float(tags["threshold"]) == pytest.approx(thresholds["chosen"])
+    # The image score's threshold is the empirical one at the default target FPR.
+    assert float(tags["threshold"]) == pytest.approx(thresholds["empirical_fpr0.01"])
     run = client.get_run(trained["run_id"])
     assert run.data.metrics["auroc"] == pytest.approx(trained["auroc"])
     assert "auroc_l9" in run.data.metrics
@@ -71,7 +73,7 @@ def test_pyfunc_champion_scores_like_the_detector(trained, small_dataset, mlflow
     np.testing.assert_allclose(table["score"].to_numpy(), direct.scores, rtol=1e-6)
     np.testing.assert_allclose(table["score_l7"].to_numpy(), direct.level_scores[:, 6], rtol=1e-6)
     assert table["is_anomaly"].tolist() == direct.is_anomaly.tolist()
-    assert isinstance(detector, Detector) and detector.fitted_model().threshold_ is not None
+    assert isinstance(detector, Detector) and detector.threshold is not None
 
 
 def test_worse_model_does_not_take_champion(trained, small_dataset, tmp_path, mlflow_uri):
@@ -86,7 +88,7 @@ def test_worse_model_does_not_take_champion(trained, small_dataset, tmp_path, ml
             for copy in range(3):
                 target = good / f"bad_{record.defect}_{copy}_{Path(record.path).name}"
                 shutil.copy(record.path, target)
-    result = train(str(bad_root), CATEGORY, shard_size=32, home=trained["home"])
+    result = train(str(bad_root), CATEGORY, TrainOptions(shard_size=32, home=trained["home"]))
     client = MlflowClient(mlflow_uri)
     assert not result["promoted"]
     assert result["auroc"] < trained["auroc"]
@@ -159,16 +161,15 @@ def test_incremental_retraining_merges_new_images_into_the_champion(
 
     new_images = copy_new_normals(small_dataset, CATEGORY, 6, tmp_path / "new")
     champion = load_detector(f"models:/{NAME}@champion")
-    result = train(
-        str(small_dataset),
-        CATEGORY,
+    options = TrainOptions(
         shard_size=16,
         home=trained["home"],
         incremental_from=f"models:/{NAME}@champion",
         new_images=str(new_images),
     )
+    result = train(str(small_dataset), CATEGORY, options)
     merged = load_detector(f"models:/{NAME}/{result['version']}")
-    assert merged.fitted_model().n_samples_ == champion.fitted_model().n_samples_ + 6
+    assert merged.model_.n_samples_ == champion.model_.n_samples_ + 6
     client = MlflowClient(mlflow_uri)
     run = client.get_run(result["run_id"])
     assert run.data.params["incremental_from"] == f"models:/{NAME}@champion"

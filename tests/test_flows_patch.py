@@ -12,12 +12,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.data.images import load_masks, mvtec_manifest
 from gaussian_ad.stats.metrics import auroc, pixel_auroc
-from gaussian_ad.features.patches import load_masks
 from gaussian_ad.registry.mlflow_model import load_detector
 from gaussian_ad.evaluation.selection import Selection
 from gaussian_ad.store.feature_store import FeatureStore
+from gaussian_ad_flows.options import TrainOptions
 from tests.conftest import copy_new_normals
 
 CATEGORY = "weave"
@@ -30,21 +30,22 @@ def trained(small_dataset, prefect_harness, mlflow_uri, tmp_path_factory) -> dic
     from gaussian_ad_flows.train import train
 
     home = tmp_path_factory.mktemp("home")
-    result = train(
-        str(small_dataset),
-        CATEGORY,
-        shard_size=16,
-        home=str(home),
-        patch=True,
-        select=True,
-        select_per_kind=3,
-        select_grid=[
-            {"levels": "1-9", "reduction": None, "score": "image"},
-            {"levels": "6-8", "reduction": None, "score": "image"},
-            {"levels": "1-9", "reduction": None, "score": "fused"},
-            {"levels": None, "reduction": None, "score": "patch"},
-        ],
+    options = TrainOptions.model_validate(
+        {
+            "shard_size": 16,
+            "home": str(home),
+            "detector": {"patch": True},
+            "select": True,
+            "select_per_kind": 3,
+            "select_grid": [
+                {"levels": "1-9", "reduction": None, "score": "image"},
+                {"levels": "6-8", "reduction": None, "score": "image"},
+                {"levels": "1-9", "reduction": None, "score": "fused"},
+                {"levels": None, "reduction": None, "score": "patch"},
+            ],
+        }
     )
+    result = train(str(small_dataset), CATEGORY, options)
     return {**result, "home": str(home)}
 
 
@@ -95,7 +96,7 @@ def test_registry_model_reproduces_scores_and_maps(trained, small_dataset, mlflo
     table = mlflow.pyfunc.load_model(f"models:/{NAME}/{trained['version']}").predict(paths[:5])
     np.testing.assert_allclose(table["score"], result.scores[:5], rtol=1e-6)
     np.testing.assert_allclose(table["patch_score"], result.patch_scores[:5], rtol=1e-6)
-    assert table["is_anomaly"].tolist() == (result.scores[:5] > detector.threshold_).tolist()
+    assert table["is_anomaly"].tolist() == (result.scores[:5] > detector.threshold).tolist()
 
 
 def test_scoring_flow_writes_maps_of_the_anomalous_images(trained, small_dataset, tmp_path):
@@ -128,17 +129,13 @@ def test_incremental_retraining_merges_into_the_patch_model(
 
     new_images = copy_new_normals(small_dataset, CATEGORY, 4, tmp_path / "new")
     base_uri = f"models:/{NAME}/{trained['version']}"
-    result = train(
-        str(small_dataset),
-        CATEGORY,
-        shard_size=16,
-        home=trained["home"],
-        incremental_from=base_uri,
-        new_images=str(new_images),
+    options = TrainOptions(
+        shard_size=16, home=trained["home"], incremental_from=base_uri, new_images=str(new_images)
     )
+    result = train(str(small_dataset), CATEGORY, options)
     base, merged = load_detector(base_uri), load_detector(f"models:/{NAME}/{result['version']}")
     assert merged.patch_model_.n_samples_ == base.patch_model_.n_samples_ + 4
-    assert merged.fitted_model().n_samples_ == base.fitted_model().n_samples_ + 4
-    assert merged.patch_model_.layout_ == base.patch_model_.layout_
-    assert (merged.score_kind, merged.levels) == (base.score_kind, base.levels)
+    assert merged.model_.n_samples_ == base.model_.n_samples_ + 4
+    assert merged.patch_layout_ == base.patch_layout_
+    assert merged.config == base.config
     assert MlflowClient(mlflow_uri).get_run(result["run_id"]).data.metrics["pixel_auroc"] >= 0.9
