@@ -27,15 +27,10 @@ import timm
 import torch
 from PIL import Image, ImageDraw
 
-from gaussian_ad.backbones.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Backbone,
-    BackboneSpec,
-    default_device,
-    load_backbone,
-)
-from gaussian_ad.features.extract import InputNormalizer, extract, pooled_features
+from gaussian_ad.backbones.models import Backbone, default_device, load_backbone
+from gaussian_ad.backbones.specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
+from gaussian_ad.config import LoaderOptions
+from gaussian_ad.features.extract import InputNormalizer, extract, forward
 
 
 def parse_args() -> argparse.Namespace:
@@ -118,12 +113,12 @@ def baseline(backbone: Backbone, paths: Sequence[Path], batch_size: int, workers
         for start in range(0, len(paths), batch_size):
             batch = paths[start : start + batch_size]
             pixels = np.stack(list(pool.map(lambda p: plain_decode(p, size), batch)))
-            pooled_features(backbone, normalize(torch.from_numpy(pixels)))
+            forward(backbone, normalize(torch.from_numpy(pixels)))
 
 
 def model_only(backbone: Backbone, inputs: list[torch.Tensor]) -> None:
     for x in inputs:
-        pooled_features(backbone, x)
+        forward(backbone, x)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -173,8 +168,10 @@ def main() -> None:
         print(f"files:          {mean_kib:.0f} KiB on average")
         warmup = paths[: min(len(paths), 2 * args.batch_size)]
 
+        loader = LoaderOptions(batch_size=args.batch_size, workers=args.workers)
+
         def run_extract(items: Sequence[Path]) -> None:
-            features = extract(backbone, items, batch_size=args.batch_size, workers=args.workers)
+            features = extract(backbone, items, loader)
             assert not features.errors, features.errors[:3]
 
         normalize = InputNormalizer(backbone, device)

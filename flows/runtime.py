@@ -61,8 +61,8 @@ def dask_runner(address: str | None = None) -> DaskTaskRunner:
             "n_workers": max(gpus, 1),
             "threads_per_worker": 1 if gpus else 2,
             "processes": False,
-            "host": "127.0.0.1",
-            "dashboard_address": "127.0.0.1:0",
+            "dashboard_address": "127.0.0.1:0",  # loopback only: no authentication
+            "worker_dashboard_address": "127.0.0.1:0",
             "silence_logs": logging.WARNING,
         }
     )

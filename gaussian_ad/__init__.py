@@ -38,7 +38,15 @@ _EXPORTS = {
     "DetectorConfig": "gaussian_ad.config",
     "LoaderOptions": "gaussian_ad.config",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Detector",
+    "DetectorConfig",
+    "GaussianAD",
+    "LoaderOptions",
+    "PatchGaussian",
+    "Scores",
+    "load_backbone",
+]
 
 if TYPE_CHECKING:
     from gaussian_ad.backbones.models import load_backbone

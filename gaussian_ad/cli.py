@@ -325,7 +325,7 @@ def evaluate(
         result = evaluate_category(data_root, name, config, loader, target_fpr, progress=True)
         _report_errors(result.errors)
         results.append(result)
-    report = summary(results)
+    report = {**summary(results), "config": config.to_dict(), "target_fpr": target_fpr}
     kinds = [
         k
         for k in ("image", "patch", "fused")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 from typer.testing import CliRunner
 
 from gaussian_ad.cli import app
+from gaussian_ad.detection.detector import Detector
+from gaussian_ad.store.feature_store import FeatureStore
 
 runner = CliRunner()
 
@@ -101,3 +106,206 @@ def test_fit_patch_fused_then_score_writes_overlays_of_flagged_images(small_data
         ],
     )
     assert result.exit_code != 0 and "patch=True" in result.output
+
+
+# --------------------------------------------------------------------------- every flag reaches
+def fails(*args: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    return result.output
+
+
+def loader_log(caplog) -> str:
+    return " ".join(
+        r.getMessage() for r in caplog.records if r.name == "gaussian_ad.features.extract"
+    )
+
+
+def test_synth_flags_shape_the_dataset(tmp_path):
+    invoke(
+        "synth",
+        tmp_path / "a",
+        "--n-train",
+        3,
+        "--n-test-good",
+        2,
+        "--n-test-per-defect",
+        1,
+        "--size",
+        64,
+        "--seed",
+        5,
+    )
+    invoke("synth", tmp_path / "b", "--n-train", 3, "--size", 64, "--seed", 6)
+    train = sorted((tmp_path / "a" / "disc" / "train" / "good").glob("*.png"))
+    assert len(train) == 3
+    assert len(list((tmp_path / "a" / "disc" / "test" / "good").glob("*.png"))) == 2
+    assert Image.open(train[0]).size == (64, 64)
+    other = tmp_path / "b" / "disc" / "train" / "good" / train[0].name
+    assert train[0].read_bytes() != other.read_bytes()  # --seed reaches the generator
+
+
+def test_extract_flags_shape_the_store(small_dataset, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    store = tmp_path / "s.zarr"
+    invoke(
+        "extract",
+        small_dataset,
+        "--category",
+        "disc",
+        "--store",
+        store,
+        "--levels",
+        "7,9",
+        "--augment-passes",
+        2,
+        "--shard-size",
+        16,
+        "--seed",
+        3,
+        "--batch-size",
+        7,
+        "--workers",
+        1,
+    )
+    opened = FeatureStore.open(str(store))
+    assert opened.levels == [7, 9] and opened.n_rows == 50 and opened.n_shards == 4
+    assert sorted(set(opened.manifest["augment_pass"])) == [0, 1]
+    assert "batches of 7, 1 decoding threads" in loader_log(caplog)
+    again = tmp_path / "t.zarr"
+    invoke(
+        "extract",
+        small_dataset,
+        "--category",
+        "disc",
+        "--store",
+        again,
+        "--levels",
+        "9",
+        "--augment-passes",
+        1,
+        "--seed",
+        4,
+    )
+    rows = slice(0, 25)
+    assert not np.allclose(  # --seed reaches the augmentation
+        opened.read_level(9)[rows], FeatureStore.open(str(again)).read_level(9)[rows]
+    )
+    bogus = tmp_path / "weights.safetensors"
+    bogus.write_bytes(b"not weights")
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(small_dataset),
+            "--category",
+            "disc",
+            "--store",
+            str(tmp_path / "u.zarr"),
+            "--weights",
+            str(bogus),
+        ],
+    )
+    assert result.exit_code != 0 and "weights.safetensors" in str(result.exception)
+
+
+def test_fit_flags_reach_the_saved_model(small_dataset, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    default, tuned = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    invoke("fit", small_dataset, "--category", "grain", "--levels", "8", "--out", default)
+    invoke(
+        "fit",
+        small_dataset,
+        "--category",
+        "grain",
+        "--levels",
+        "8",
+        "--out",
+        tuned,
+        "--reduction",
+        "npca",
+        "--variance-threshold",
+        "0.9",
+        "--target-fpr",
+        "0.2",
+        "--seed",
+        2,
+        "--batch-size",
+        5,
+        "--workers",
+        1,
+    )
+    a, b = Detector.load(default), Detector.load(tuned)
+    assert b.config.reduction == "npca" and b.config.variance_threshold == 0.9
+    assert b.model_.components_ is not None and a.model_.components_ is None
+    assert b.config.seed == 2 and b.calibration_.target_fpr == 0.2
+    assert a.calibration_.target_fpr == 0.01 and a.threshold != b.threshold
+    assert "batches of 5, 1 decoding threads" in loader_log(caplog)
+    fails("fit", small_dataset, "--category", "grain", "--reduction", "bogus")
+    fails("fit", small_dataset, "--category", "grain", "--variance-threshold", "1.5")
+    fails("fit", small_dataset, "--category", "grain", "--levels", "")
+    fails("fit", small_dataset, "--category", "grain", "--target-fpr", "0")
+    fails("fit", small_dataset, "--category", "grain", "--batch-size", "0")
+
+
+def test_score_runtime_flags_reach_the_loader(small_dataset, tmp_path, caplog):
+    model = tmp_path / "m.safetensors"
+    invoke("fit", small_dataset, "--category", "disc", "--levels", "9", "--out", model)
+    caplog.set_level(logging.INFO)
+    invoke(
+        "score", model, small_dataset / "disc" / "test" / "good", "--batch-size", 3, "--workers", 1
+    )
+    assert "batches of 3, 1 decoding threads" in loader_log(caplog)
+
+
+def test_evaluate_flags_reach_the_evaluation(small_dataset, tmp_path):
+    out = tmp_path / "e.json"
+    invoke(
+        "evaluate",
+        small_dataset,
+        "--category",
+        "disc",
+        "--levels",
+        "7-9",
+        "--reduction",
+        "npca",
+        "--variance-threshold",
+        "0.95",
+        "--target-fpr",
+        "0.1",
+        "--seed",
+        1,
+        "--json",
+        out,
+    )
+    report = json.loads(out.read_text())
+    config = report["config"]
+    assert (config["levels"], config["reduction"], config["variance_threshold"]) == (
+        [7, 8, 9],
+        "npca",
+        0.95,
+    )
+    assert config["seed"] == 1 and report["target_fpr"] == 0.1
+    row = report["categories"]["disc"]
+    assert len(row["auroc_levels"]) == 3 and row["threshold"] > 0
+
+
+def test_select_flags_reach_the_selection(small_dataset, tmp_path):
+    out = tmp_path / "s.json"
+    invoke(
+        "select",
+        small_dataset,
+        "--category",
+        "disc",
+        "--n-per-kind",
+        2,
+        "--seed",
+        1,
+        "--batch-size",
+        8,
+        "--json",
+        out,
+    )
+    selection = json.loads(out.read_text())
+    assert selection["seed"] == 1 and selection["n_per_kind"] == 2
+    assert selection["counts"]["validation_defective"] == 8  # 4 kinds x 2

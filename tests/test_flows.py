@@ -12,13 +12,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from gaussian_ad_flows.options import TrainOptions
 from mlflow.tracking import MlflowClient
 
-from gaussian_ad.detection.detector import Detector
 from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.detection.detector import Detector
 from gaussian_ad.registry.mlflow_model import load_detector
-from gaussian_ad_flows.options import TrainOptions
+from gaussian_ad.store.feature_store import FeatureStore
 from tests.conftest import copy_new_normals
+
+pytestmark = pytest.mark.integration
 
 CATEGORY = "disc"
 NAME = f"gaussian-ad-{CATEGORY}"
@@ -173,3 +176,38 @@ def test_incremental_retraining_merges_new_images_into_the_champion(
     client = MlflowClient(mlflow_uri)
     run = client.get_run(result["run_id"])
     assert run.data.params["incremental_from"] == f"models:/{NAME}@champion"
+
+
+def test_cli_train_and_score_archive_flags_reach_the_flows(
+    small_dataset, prefect_harness, mlflow_uri, tmp_path, monkeypatch, archive
+):
+    from typer.testing import CliRunner
+
+    from gaussian_ad.cli import app
+
+    monkeypatch.setenv("GAUSSIAN_AD_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    args = ["train", str(small_dataset), "--category", "grain", "--levels", "7-9"]
+    args += ["--target-fpr", "0.05", "--shard-size", "8", "--seed", "1", "--batch-size", "9"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(mlflow_uri)
+    version = client.get_model_version_by_alias("gaussian-ad-grain", "champion")
+    assert version.tags["levels"] == "7,8,9"
+    run = client.get_run(version.run_id)
+    assert run.data.params["target_fpr"] == "0.05" and run.data.params["seed"] == "1"
+    store = FeatureStore.open(_store_of(tmp_path / "home"))
+    assert store.n_shards == -(-store.n_rows // 8)
+    path, n_images = archive
+    out = tmp_path / "scores"
+    args = ["score-archive", str(path), "--category", "grain", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--shard-size", "4", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "scores").glob("part-*.parquet"))) == -(-(n_images + 1) // 4)
+    result = runner.invoke(app, [*args, "--shard-size", "0"])
+    assert result.exit_code == 2 and "shard-size" in result.output
+
+
+def _store_of(home: Path) -> str:
+    (store,) = (home / "stores" / "grain").glob("*.zarr")
+    return str(store)

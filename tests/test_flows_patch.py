@@ -9,16 +9,18 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from gaussian_ad_flows.options import TrainOptions
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from gaussian_ad.data.images import load_masks, mvtec_manifest
-from gaussian_ad.stats.metrics import auroc, pixel_auroc
-from gaussian_ad.registry.mlflow_model import load_detector
 from gaussian_ad.evaluation.selection import Selection
+from gaussian_ad.registry.mlflow_model import load_detector
+from gaussian_ad.stats.metrics import auroc, pixel_auroc
 from gaussian_ad.store.feature_store import FeatureStore
-from gaussian_ad_flows.options import TrainOptions
 from tests.conftest import copy_new_normals
+
+pytestmark = pytest.mark.integration
 
 CATEGORY = "weave"
 NAME = f"gaussian-ad-{CATEGORY}"

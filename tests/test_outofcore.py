@@ -6,16 +6,20 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from gaussian_ad.data.augment import AugmentConfig
 from gaussian_ad.backbones.models import load_backbone
 from gaussian_ad.cli import app
-from gaussian_ad.detection.detector import Detector
+from gaussian_ad.config import DEFAULT_LOADER, DetectorConfig
+from gaussian_ad.data.augment import AugmentConfig
+from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.detection.detector import Detector, training_pass
+from gaussian_ad.features.extract import extract
+from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.features.shards import augmented_moments, create_store, extract_shard
 from gaussian_ad.stats.gaussian import GaussianAD
-from gaussian_ad.data.images import mvtec_manifest
-from gaussian_ad.store.outofcore import fit_store, patch_moments
-from gaussian_ad.features.patches import PatchGaussian, PatchLayout, fit_patch
+from gaussian_ad.stats.patch_gaussian import PatchGaussian
 from gaussian_ad.store.feature_store import FeatureStore
+from gaussian_ad.store.outofcore import fit_store, patch_moments
+from gaussian_ad.store.plan import holdout_split
 
 LEVELS = (3, 6, 9)
 
@@ -50,8 +54,8 @@ def test_interrupted_extraction_resumes_and_matches_in_memory_fit(
     assert manifest["path"].is_unique and manifest["content_hash"].notna().all()
 
     model = fit_store(resumed)
-    detector = Detector("lite0", LEVELS).fit([r.path for r in train_records])
-    for ours, reference in zip(model.precisions_, detector.fitted_model().precisions_, strict=True):
+    detector = Detector(DetectorConfig("lite0", LEVELS)).fit([r.path for r in train_records])
+    for ours, reference in zip(model.precisions_, detector.model_.precisions_, strict=True):
         assert rel_err(ours, reference) < 1e-6
 
 
@@ -65,7 +69,7 @@ def test_augmented_passes_change_the_model_and_stream_identically(
         extract_shard(store, shard, backbone, seed=7)
     augmented = fit_store(store)
     assert augmented.n_samples_ == passes * len(records)
-    plain = GaussianAD().fit(Detector("lite0", LEVELS).features([r.path for r in records]).levels)
+    plain = GaussianAD().fit(extract(backbone, [r.path for r in records]).pooled)
     assert rel_err(augmented.means_[2], plain.means_[2]) > 1e-3
 
     streamed = augmented_moments(
@@ -111,10 +115,18 @@ def test_cli_extract_then_fit_store_equals_cli_fit(tmp_path, small_dataset):
     )
     assert result.exit_code == 0, result.output
     a, b = Detector.load(out_store), Detector.load(out_memory)
-    assert a.levels == b.levels == (7, 9)
-    for ours, reference in zip(
-        a.fitted_model().precisions_, b.fitted_model().precisions_, strict=True
-    ):
+    assert a.config == b.config and a.config.image_levels == (7, 9)
+    # The store fit uses every row (no held-out images: no threshold); the fit from images
+    # holds out a fifth (fold 0) to calibrate the threshold.
+    feature_store = FeatureStore.open(store)
+    fit_idx, _ = holdout_split(feature_store.n_rows)
+    assert a.model_.n_samples_ == feature_store.n_rows and a.threshold is None
+    assert b.model_.n_samples_ == len(fit_idx) and b.threshold is not None
+    whole = GaussianAD().fit([feature_store.read_level(level) for level in feature_store.levels])
+    same_rows = Detector(a.config).fit_store(feature_store, rows=fit_idx)
+    for ours, reference in zip(a.model_.precisions_, whole.precisions_, strict=True):
+        assert rel_err(ours, reference) < 1e-6
+    for ours, reference in zip(same_rows.model_.precisions_, b.model_.precisions_, strict=True):
         assert rel_err(ours, reference) < 1e-6
 
 
@@ -126,10 +138,11 @@ def test_extraction_with_a_patch_layout_matches_in_memory_patch_fit(tmp_path, tr
     assert store.levels == [3, 4, 5, 9] and store.patch_layout == layout.to_dict()
     for shard in store.pending_shards():
         extract_shard(store, shard, backbone)
-    model = PatchGaussian()
-    model.layout_ = layout
-    model.fit_moments(patch_moments(store))
-    reference, pooled = fit_patch(backbone, [r.path for r in train_records], layout=layout)
+    assert PatchLayout.from_dict(store.patch_layout) == layout
+    model = PatchGaussian().fit_moments(patch_moments(store))
+    paths = [r.path for r in train_records]
+    in_memory = training_pass(backbone, paths, DEFAULT_LOADER, layout)
+    reference = PatchGaussian().fit_moments(in_memory.patch_sums)
     assert rel_err(model.means_, reference.means_) < 1e-5
     assert rel_err(model.precisions_, reference.precisions_) < 1e-4
-    np.testing.assert_allclose(store.read_level(9), pooled.levels[3], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(store.read_level(9), in_memory.pooled[3], rtol=1e-5, atol=1e-5)

@@ -8,21 +8,19 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
 from gaussian_ad.backbones.models import load_backbone
-from gaussian_ad.evaluation.evaluate import holdout_split, split_records
+from gaussian_ad.config import DetectorConfig, LoaderOptions
+from gaussian_ad.data.images import load_masks, mvtec_manifest
+from gaussian_ad.data.synthetic import CATEGORIES
+from gaussian_ad.detection.detector import Detector, training_pass
+from gaussian_ad.evaluation.evaluate import split_records
+from gaussian_ad.features.layout import PatchLayout
+from gaussian_ad.features.patches import patch_features
 from gaussian_ad.stats.fusion import Standardizer, fuse
 from gaussian_ad.stats.gaussian import GaussianAD
-from gaussian_ad.data.images import mvtec_manifest
 from gaussian_ad.stats.metrics import auroc, pixel_auroc, pro_auc
 from gaussian_ad.stats.moments import BatchMoments, Moments
-from gaussian_ad.features.patches import (
-    PatchGaussian,
-    PatchLayout,
-    fit_patch,
-    load_masks,
-    patch_features,
-    score_patch,
-)
-from gaussian_ad.data.synthetic import CATEGORIES
+from gaussian_ad.stats.patch_gaussian import PatchGaussian
+from gaussian_ad.store.plan import holdout_split
 
 
 def rel_err(a, b) -> float:
@@ -74,11 +72,13 @@ def test_incremental_fit_equals_full_fit():
 def test_save_load_reproduces_scores_and_maps_exactly(tmp_path):
     x = offset_patches(30)
     model = PatchGaussian(sigma=2.0).fit(x)
-    model.layout_ = PatchLayout(levels=(3, 4), grid=4, channel_index=(0, 2, 3, 5, 7, 8))
-    path = model.save(tmp_path / "patch.safetensors", metadata={"category": "weave"})
+    # The layout belongs to the detector now; it travels as JSON metadata.
+    layout = PatchLayout(levels=(3, 4), grid=4, channel_index=(0, 2, 3, 5, 7, 8))
+    metadata = {"category": "weave", "layout": layout.to_dict()}
+    path = model.save(tmp_path / "patch.safetensors", metadata=metadata)
     loaded = PatchGaussian.load(path)
-    assert loaded.layout_ == model.layout_ and loaded.sigma == 2.0
-    assert loaded.metadata_ == {"category": "weave"}
+    assert PatchLayout.from_dict(loaded.metadata_["layout"]) == layout and loaded.sigma == 2.0
+    assert loaded.metadata_ == metadata
     test = offset_patches(3, seed=2) + np.float32(0.5)
     scores, maps = model.anomaly_maps(test, size=20)
     loaded_scores, loaded_maps = loaded.anomaly_maps(test, size=20)
@@ -145,18 +145,28 @@ def test_standardizer_round_trip_and_fusion():
         Standardizer.fit(np.ones(3), np.arange(3.0))
 
 
-def test_fit_patch_streams_merges_and_skips_broken_images():
+def test_patch_fit_streams_merges_and_skips_broken_images():
     backbone = load_backbone("lite0", levels=(3, 4, 5), device="cpu")
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(7)]
     layout = PatchLayout.for_backbone(backbone, grid=7, n_channels=20)
-    whole, pooled = fit_patch(backbone, images, layout=layout, batch_size=3)
-    assert pooled.levels[0].shape == (7, 24) and len(pooled.index) == 7
-    first, _ = fit_patch(backbone, [*images[:4], b"not an image"], layout=layout, batch_size=2)
-    updated, more = fit_patch(backbone, images[4:], model=first, batch_size=2)
-    assert updated.n_samples_ == 7 and updated.layout_ == layout
+    passed = training_pass(backbone, images, LoaderOptions(batch_size=3), layout)
+    whole = PatchGaussian().fit_moments(passed.patch_sums)
+    assert passed.pooled[0].shape == (7, 24) and len(passed.index) == 7
+    pairs = LoaderOptions(batch_size=2)
+    first = training_pass(backbone, [*images[:4], b"not an image"], pairs, layout)
+    assert first.index.tolist() == [0, 1, 2, 3] and len(first.errors) == 1
+    more = training_pass(backbone, images[4:], pairs, layout)
+    updated = PatchGaussian().fit_moments(first.patch_sums).merge_moments(more.patch_sums)
+    assert updated.n_samples_ == 7
     assert rel_err(updated.precisions_, whole.precisions_) < 1e-9
-    scored = score_patch(backbone, whole, [images[0], b"broken"], batch_size=2)
+
+    # The detector fits the same patch model (and layout) in its one pass, and scores with it.
+    config = DetectorConfig(levels="3-5", patch=True, patch_grid=7, patch_channels=20)
+    detector = Detector(config, LoaderOptions(device="cpu", batch_size=3)).fit(images)
+    assert detector.patch_layout_ == layout
+    assert rel_err(detector.patch_model_.precisions_, whole.precisions_) < 1e-9
+    scored = detector.score([images[0], b"broken"], maps=True)
     assert scored.maps.shape == (1, 224, 224) and scored.index.tolist() == [0]
     assert len(scored.errors) == 1
 
@@ -169,28 +179,29 @@ def synthetic_results(small_dataset):
     One backbone pass per image set gives both the pooled levels 1-9 (image level) and the
     patch features of levels 3-5.
     """
-    backbone = load_backbone("lite0", device="cpu")
+    config = DetectorConfig(backbone="lite0", patch=True, score="fused")
     results = {}
     for category in CATEGORIES:
         train, test = split_records(mvtec_manifest(small_dataset, category))
         fit_idx, held_idx = holdout_split(len(train))
-        patch_model, fit_features = fit_patch(backbone, [train[i].path for i in fit_idx])
-        held = score_patch(backbone, patch_model, [train[i].path for i in held_idx])
-        scored = score_patch(backbone, patch_model, [r.path for r in test])
+        detector = Detector(config, LoaderOptions(device="cpu"))
+        detector.fit([train[i].path for i in fit_idx])
+        detector.calibrate([train[i].path for i in held_idx])
+        scored = detector.score([r.path for r in test], maps=True)
         assert len(scored.index) == len(test) and not scored.errors
 
-        image_model = GaussianAD().fit(fit_features.levels)
-        image_held = image_model.anomaly_scores(held.pooled)
-        image_test = image_model.anomaly_scores(scored.pooled)
-        standardizer = Standardizer.fit(image_held, held.scores)
+        image_test = scored.image_scores
+        standardizer = detector.calibration_.standardizer
+        fused = fuse(image_test, scored.patch_scores, standardizer)
+        np.testing.assert_allclose(scored.scores, fused)
 
         labels = np.array([r.label for r in test])
-        masks = load_masks([r.mask for r in test], backbone.spec.image_size)
+        masks = load_masks([r.mask for r in test], config.image_size)
         results[category] = {
-            "grid": patch_model.grid_,
+            "grid": detector.patch_model_.grid_,
             "image": auroc(labels, image_test),
-            "patch": auroc(labels, scored.scores),
-            "fused": auroc(labels, fuse(image_test, scored.scores, standardizer)),
+            "patch": auroc(labels, scored.patch_scores),
+            "fused": auroc(labels, fused),
             "pixel": pixel_auroc(masks, scored.maps),
             "pro": pro_auc(masks, scored.maps),
         }
@@ -210,28 +221,33 @@ def test_fusion_does_not_lose_to_the_better_score(synthetic_results):
 
 
 def test_detector_with_patch_model_round_trips_scores_maps_and_threshold(small_dataset, tmp_path):
-    from gaussian_ad.detection.detector import Detector, patch_path
+    from gaussian_ad.detection.detector import patch_path
 
     train, test = split_records(mvtec_manifest(small_dataset, "grain"))
     paths = [r.path for r in train]
-    detector = Detector("lite0", "7-9", patch=True, score="fused", patch_channels=40)
-    with pytest.raises(ValueError, match="standardiser"):
-        detector.fit(paths[:15]).score([r.path for r in test[:2]])
+    config = DetectorConfig("lite0", "7-9", patch=True, score="fused", patch_channels=40)
+    detector = Detector(config)
+    # The fused score needs the standardiser of a calibration: none before it.
+    early = detector.fit(paths[:15]).score([r.path for r in test[:2]])
+    assert early.scores is None and early.is_anomaly is None and detector.threshold is None
+    assert early.patch_scores.shape == (2,) and early.level_scores.shape == (2, 3)
     detector.calibrate(paths[15:], target_fpr=0.2)
     assert detector.backbone_levels == (3, 4, 5, 7, 8, 9)
     result = detector.score([r.path for r in test], maps=True)
     assert result.maps.shape == (len(test), 224, 224)
     assert result.level_scores.shape == (len(test), 3)
-    standardizer = detector.standardizer_
+    standardizer = detector.calibration_.standardizer
     np.testing.assert_allclose(
         result.scores, fuse(result.image_scores, result.patch_scores, standardizer)
     )
-    np.testing.assert_array_equal(result.is_anomaly, result.scores > detector.threshold_)
+    np.testing.assert_array_equal(result.is_anomaly, result.scores > detector.threshold)
     np.testing.assert_allclose(result.patch_scores, result.maps.reshape(len(test), -1).max(1))
     saved = detector.save(tmp_path / "det.safetensors")
     assert patch_path(saved).is_file()
     loaded = Detector.load(saved)
-    assert loaded.config() == detector.config() and loaded.threshold_ == detector.threshold_
+    assert loaded.config == detector.config and loaded.threshold == detector.threshold
+    assert loaded.calibration_ == detector.calibration_
+    assert loaded.patch_layout_ == detector.patch_layout_
     again = loaded.score([r.path for r in test], maps=True)
     np.testing.assert_allclose(again.scores, result.scores, rtol=1e-12)  # refitted from the sums
     np.testing.assert_allclose(again.maps, result.maps, rtol=1e-6)
@@ -241,13 +257,11 @@ def test_detector_with_patch_model_round_trips_scores_maps_and_threshold(small_d
 
 
 def test_detector_without_patch_model_refuses_maps_and_patch_scores():
-    from gaussian_ad.detection.detector import Detector
-
     with pytest.raises(ValueError, match="patch=True"):
-        Detector("lite0", score="fused")
-    with pytest.raises(ValueError, match="score must be one of"):
-        Detector("lite0", score="max")
-    detector = Detector("lite0", "9")
-    detector.model_ = GaussianAD().fit([np.random.default_rng(0).normal(size=(20, 1280))])
+        Detector(DetectorConfig("lite0", score="fused"))
+    with pytest.raises(ValueError, match="score: must be one of"):
+        Detector(DetectorConfig("lite0", score="max"))
+    detector = Detector(DetectorConfig("lite0", "9"))
+    detector.set_models(GaussianAD().fit([np.random.default_rng(0).normal(size=(20, 1280))]))
     with pytest.raises(ValueError, match="patch-level model"):
         detector.score([np.zeros((32, 32, 3), np.uint8)], maps=True)

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from gaussian_ad.backbones.models import load_backbone
 from gaussian_ad.cli import app
-from gaussian_ad.evaluation.evaluate import split_records
 from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.evaluation.evaluate import split_records
 from gaussian_ad.evaluation.selection import (
     DEFAULT_GRID,
     KINDS,

@@ -5,11 +5,11 @@ import pytest
 from distributed import Client, LocalCluster
 from sklearn.covariance import LedoitWolf
 
-from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.data.images import ImageError, ImageRecord
-from gaussian_ad.store.outofcore import fit_store, patch_moments
 from gaussian_ad.features.patches import PatchGaussian
+from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.store.feature_store import FeatureStore
+from gaussian_ad.store.outofcore import fit_store, patch_moments
 
 
 def rel_err(a, b) -> float:

@@ -42,6 +42,8 @@ from tests.services import (
     running,
 )
 
+pytestmark = pytest.mark.integration
+
 CATEGORY = "disc"
 NAME = f"gaussian-ad-{CATEGORY}"
 FLOW_TIMEOUT = 300  # seconds; a flow takes about one minute on 2 CPU cores

@@ -37,7 +37,7 @@ from gaussian_ad.config import REDUCTIONS, DetectorConfig, LoaderOptions
 from gaussian_ad.data.defects import KINDS, validation_set
 from gaussian_ad.data.images import ImageSource
 from gaussian_ad.detection.detector import Detector, training_pass
-from gaussian_ad.features.extract import extract, pick_levels
+from gaussian_ad.features.extract import collect, iter_batches, pick_levels
 from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.metrics import auroc
@@ -196,7 +196,11 @@ def select_configuration(
     )
     fitted = training_pass(backbone, train_paths, loader, layout)
     patch_model = PatchGaussian().fit_moments(fitted.patch_sums)
-    scored = extract(backbone, [*standardize_paths, *images], loader, layout=layout)
+    scored = collect(
+        iter_batches(backbone, [*standardize_paths, *images], loader, layout=layout),
+        backbone,
+        layout,
+    )
     patch_scores, _ = patch_model.anomaly_maps(scored.patches, backbone.spec.image_size)
     standardizing = scored.index < len(standardize_paths)
     validating = ~standardizing

@@ -15,10 +15,11 @@ CPU it runs in float32. Pooling is always accumulated and returned in float32.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from gaussian_ad.config import DEFAULT_LOADER, LoaderOptions
 from gaussian_ad.data.images import ImageDecodeError, ImageError, ImageSource, load_rgb
 from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.features.patches import patch_features
+
+logger = logging.getLogger(__name__)
 
 PREFETCH_BATCHES = 2
 JPEG_DRAFT_FACTOR: int | None = 2
@@ -53,7 +56,7 @@ class Batch:
 
 @dataclass
 class Features:
-    """All batches of a pass, concatenated (see :class:`Batch`)."""
+    """All batches of a pass, concatenated (see :class:`Batch` and :func:`collect`)."""
 
     index: np.ndarray
     pooled: list[np.ndarray]
@@ -213,6 +216,14 @@ def iter_batches(
     if names is not None and len(names) != len(sources):
         raise ValueError(f"names: {len(names)} given for {len(sources)} sources")
     target = _resolve_device(backbone, options.device)
+    logger.info(
+        "%d images through %s on %s: batches of %d, %d decoding threads",
+        len(sources),
+        backbone.spec.name,
+        target,
+        options.batch_size,
+        options.workers,
+    )
     normalize = InputNormalizer(backbone, target)
     size = backbone.spec.image_size
     batches = _decode_batches(sources, size, options.batch_size, options.workers, transform, names)
@@ -236,28 +247,11 @@ def _empty_patches(layout: PatchLayout) -> np.ndarray:
     return np.empty((0, layout.n_positions, len(layout.channel_index)), np.float32)
 
 
-def extract(
-    backbone: Backbone,
-    sources: Sequence[ImageSource],
-    options: LoaderOptions = DEFAULT_LOADER,
-    *,
-    layout: PatchLayout | None = None,
-    transform: Transform | Sequence[Transform | None] | None = None,
-    names: Sequence[str] | None = None,
-    progress: bool = False,
+def collect(
+    batches: Iterable[Batch], backbone: Backbone, layout: PatchLayout | None = None
 ) -> Features:
-    """All of :func:`iter_batches`' batches, concatenated."""
-    batches = list(
-        iter_batches(
-            backbone,
-            sources,
-            options,
-            layout=layout,
-            transform=transform,
-            names=names,
-            progress=progress,
-        )
-    )
+    """All of :func:`iter_batches`' batches of one pass, concatenated."""
+    batches = list(batches)
     empty = [np.empty((0, d), dtype=np.float32) for d in backbone.level_dims]
     pooled = [
         np.concatenate([empty[i], *(b.pooled[i] for b in batches)]) for i in range(len(empty))
@@ -271,3 +265,19 @@ def extract(
         patches=patches,
         errors=[e for b in batches for e in b.errors],
     )
+
+
+def extract(
+    backbone: Backbone,
+    sources: Sequence[ImageSource],
+    options: LoaderOptions = DEFAULT_LOADER,
+    *,
+    layout: PatchLayout | None = None,
+    transform: Transform | Sequence[Transform | None] | None = None,
+    names: Sequence[str] | None = None,
+) -> Features:
+    """One pass over ``sources``, collected (see :func:`iter_batches`)."""
+    batches = iter_batches(
+        backbone, sources, options, layout=layout, transform=transform, names=names
+    )
+    return collect(batches, backbone, layout)
