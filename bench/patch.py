@@ -7,8 +7,9 @@ anomaly map, levels 3-5) and their fusion, pixel AUROC and AU-PRO (FPR <= 0.3) o
 and wall times: image-level alone (backbone to level 9, pooled), patch-level alone (backbone
 to level 5, maps) and both from one backbone pass (what the fused score needs).
 
-Then the peak RSS of ``fit_patch`` in a fresh subprocess per training-set size (train images
-reused cyclically): the statistics are sums, so the peak must not grow with the image count.
+Then the peak RSS of the patch-level fit (``training_pass`` + ``PatchGaussian.fit_moments``)
+in a fresh subprocess per training-set size (train images reused cyclically): the statistics
+are sums, so the peak must not grow with the image count.
 
     .venv/bin/python bench/patch.py [--workdir /work/bench-data/patch] [--n-train 50]
         [--memory-sizes 25 250] [--grids 28 56]
@@ -21,6 +22,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_summary  # noqa: E402
 
-from gaussian_ad.backbones.models import load_backbone  # noqa: E402
-from gaussian_ad.evaluation.evaluate import holdout_split, split_records  # noqa: E402
-from gaussian_ad.features.extract import extract  # noqa: E402
+from gaussian_ad.backbones.models import Backbone, load_backbone  # noqa: E402
+from gaussian_ad.config import DEFAULT_LOADER  # noqa: E402
+from gaussian_ad.data.images import load_masks, mvtec_manifest  # noqa: E402
+from gaussian_ad.data.synthetic import CATEGORIES, make_dataset  # noqa: E402
+from gaussian_ad.detection.detector import TrainingPass, training_pass  # noqa: E402
+from gaussian_ad.evaluation.evaluate import split_records  # noqa: E402
+from gaussian_ad.features.extract import extract, iter_batches  # noqa: E402
+from gaussian_ad.features.layout import PatchLayout  # noqa: E402
 from gaussian_ad.stats.fusion import Standardizer, fuse  # noqa: E402
 from gaussian_ad.stats.gaussian import GaussianAD  # noqa: E402
-from gaussian_ad.data.images import mvtec_manifest  # noqa: E402
 from gaussian_ad.stats.metrics import auroc, pixel_auroc, pro_auc  # noqa: E402
-from gaussian_ad.features.patches import PatchLayout, fit_patch, load_masks, score_patch  # noqa: E402
-from gaussian_ad.data.synthetic import CATEGORIES, make_dataset  # noqa: E402
+from gaussian_ad.stats.patch_gaussian import PatchGaussian  # noqa: E402
+from gaussian_ad.store.plan import holdout_split  # noqa: E402
 
 MIB = 2**20
 
@@ -53,6 +59,43 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grids", type=int, nargs="+", default=[28, 56])
     parser.add_argument("--measure-fit", nargs=2, type=int, metavar=("N", "GRID"), help="internal")
     return parser.parse_args()
+
+
+@dataclass
+class PatchScores:
+    """Patch-level results of the images that decoded, and their pooled features."""
+
+    scores: np.ndarray  # (n,) maximum of each anomaly map
+    maps: np.ndarray  # (n, size, size) float32 anomaly maps at the backbone's input size
+    pooled: list[np.ndarray]  # (n, d_l) pooled features of the backbone's levels, same pass
+
+
+def fit_patch(
+    backbone: Backbone, paths: list[str], layout: PatchLayout
+) -> tuple[PatchGaussian, TrainingPass]:
+    """One backbone pass: the patch-level model, and the pass (pooled features of every
+    backbone level, for an image-level model)."""
+    passed = training_pass(backbone, paths, DEFAULT_LOADER, layout)
+    return PatchGaussian().fit_moments(passed.patch_sums), passed
+
+
+def score_patch(
+    backbone: Backbone, model: PatchGaussian, layout: PatchLayout, paths: list[str]
+) -> PatchScores:
+    """Anomaly maps and patch-level scores at the backbone's input size, batch by batch."""
+    size = backbone.spec.image_size
+    scores, maps = [np.empty(0)], [np.empty((0, size, size), np.float32)]
+    pooled = [[np.empty((0, d), np.float32)] for d in backbone.level_dims]
+    for batch in iter_batches(backbone, paths, DEFAULT_LOADER, layout=layout):
+        if len(batch.index):
+            batch_scores, batch_maps = model.anomaly_maps(batch.patches, size)
+            scores.append(batch_scores)
+            maps.append(batch_maps)
+            for parts, level in zip(pooled, batch.pooled, strict=True):
+                parts.append(level)
+    return PatchScores(
+        np.concatenate(scores), np.concatenate(maps), [np.concatenate(p) for p in pooled]
+    )
 
 
 def timed(fn, *args, **kwargs):
@@ -82,22 +125,22 @@ def accuracy(root: Path, grid: int) -> None:
         labels = np.array([r.label for r in test])
 
         start = time.perf_counter()
-        image_model = GaussianAD().fit(extract(image_backbone, fit_paths).levels)
-        image_model.anomaly_scores(extract(image_backbone, held_paths).levels)  # timed only
-        image_test = image_model.anomaly_scores(extract(image_backbone, test_paths).levels)
+        image_model = GaussianAD().fit(extract(image_backbone, fit_paths).pooled)
+        image_model.anomaly_scores(extract(image_backbone, held_paths).pooled)  # timed only
+        image_test = image_model.anomaly_scores(extract(image_backbone, test_paths).pooled)
         t_image = time.perf_counter() - start
 
         start = time.perf_counter()
-        patch_model, _ = fit_patch(patch_backbone, fit_paths, layout=patch_layout)
-        score_patch(patch_backbone, patch_model, held_paths)
-        score_patch(patch_backbone, patch_model, test_paths)
+        patch_model, _ = fit_patch(patch_backbone, fit_paths, patch_layout)
+        score_patch(patch_backbone, patch_model, patch_layout, held_paths)
+        score_patch(patch_backbone, patch_model, patch_layout, test_paths)
         t_patch = time.perf_counter() - start
 
         start = time.perf_counter()
-        shared_model, fit_features = fit_patch(image_backbone, fit_paths, layout=shared_layout)
-        held = score_patch(image_backbone, shared_model, held_paths)
-        scored = score_patch(image_backbone, shared_model, test_paths)
-        both_image_model = GaussianAD().fit(fit_features.levels)
+        shared_model, fit_pass = fit_patch(image_backbone, fit_paths, shared_layout)
+        held = score_patch(image_backbone, shared_model, shared_layout, held_paths)
+        scored = score_patch(image_backbone, shared_model, shared_layout, test_paths)
+        both_image_model = GaussianAD().fit(fit_pass.pooled)
         standardizer = Standardizer.fit(both_image_model.anomaly_scores(held.pooled), held.scores)
         fused = fuse(both_image_model.anomaly_scores(scored.pooled), scored.scores, standardizer)
         t_both = time.perf_counter() - start
@@ -129,7 +172,7 @@ def measure_fit(root: Path, n_images: int, grid: int) -> None:
     paths = [train[i % len(train)].path for i in range(n_images)]
     layout = PatchLayout.for_backbone(backbone, grid=grid)
     before = proc_status_bytes("VmRSS")
-    (model, _), seconds = timed(fit_patch, backbone, paths, layout=layout)
+    (model, _), seconds = timed(fit_patch, backbone, paths, layout)
     peak = proc_status_bytes("VmHWM")
     print(json.dumps({"before": before, "peak": peak, "seconds": seconds, "n": model.n_samples_}))
 

@@ -1,117 +1,70 @@
-"""Scoring flow: source -> manifest -> shards -> score (model loaded once per worker) ->
-per-shard Parquet parts written atomically -> summary. A rerun skips finished shards."""
+"""Scoring flow: source -> listing -> shard plan -> score (model loaded once per worker) ->
+per-shard Parquet parts written atomically -> summary. The output folder records the run
+(source listing, shard plan, pinned model version, threshold): a rerun continues exactly
+that plan or is refused; a second run on the same folder at the same time is refused."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 from gaussian_ad_flows.runtime import dask_runner, gpu_annotation, tracking_uri
 from gaussian_ad_tasks.score import list_source_task, score_shard_task
 from prefect import flow
+from prefect.runtime import flow_run
 
-from gaussian_ad.config import LoaderOptions
-from gaussian_ad.data.sources import SourceItem
-from gaussian_ad.registry.mlflow_model import registered_name, resolve_version
+from gaussian_ad.config import DEFAULT_LOADER, LoaderOptions
+from gaussian_ad.registry.mlflow_model import pin_model, requested_model
 from gaussian_ad.scoring.outputs import part_path
-from gaussian_ad.scoring.tables import error_table, write_table
-
-MANIFEST = "manifest.parquet"
-DEFAULT_LOADER = LoaderOptions()
+from gaussian_ad.scoring.run import claim, open_run, summarize
 
 
-def _manifest(source: str, out: Path) -> tuple[list[SourceItem], pd.DataFrame]:
-    """The job's item list: listed once, then reused so that a rerun cuts the same shards."""
-    path = out / MANIFEST
-    if path.exists():
-        table = pd.read_parquet(path)
-        if len(table) and table["source"].iloc[0] != source:
-            raise ValueError(f"{out} holds a scoring job of another source; choose another out")
-        items = [
-            SourceItem(n, loc, m if isinstance(m, str) else None)
-            for n, loc, m in zip(table["name"], table["location"], table["member"], strict=True)
-        ]
-        return items, pd.read_parquet(out / "errors" / "listing.parquet")
-    items, rejected = list_source_task(source)
-    listing_errors = error_table(rejected)
-    listing_errors["shard"] = -1
-    write_table(listing_errors, out / "errors" / "listing.parquet")
-    table = pd.DataFrame([asdict(i) for i in items], columns=["name", "location", "member"])
-    table["source"] = source
-    write_table(table, path)
-    return items, listing_errors
+def _run_name() -> str:
+    source = str(flow_run.parameters.get("source", "")).rstrip("/")
+    return f"score-{Path(source).name or source}"
 
 
-@flow(
-    name="score",
-    log_prints=True,
-    task_runner=dask_runner(),
-)
+@flow(name="score", flow_run_name=_run_name, log_prints=True, task_runner=dask_runner())
 def score(
     source: str,
     model: str | None = None,
     category: str | None = None,
     out: str = "scores",
-    shard_size: int = 256,
+    shard_size: int | None = None,
     loader: LoaderOptions = DEFAULT_LOADER,
     home: str | None = None,
     maps: bool = False,
 ) -> dict[str, Any]:
     """Score every image of ``source`` (folder, glob, tar/zip archive or fsspec URL).
 
-    ``model`` is a model URI, by default ``models:/gaussian-ad-<category>@champion``;
-    an alias is resolved once, so every shard uses the same version. Output under
-    ``out``: ``scores/part-*.parquet`` (path, score, score_l<level>, is_anomaly,
-    model_name, model_version, shard; image_score, patch_score with a patch model) and
-    ``errors/*.parquet`` (path, reason, shard). With ``maps`` (off by default; the model
-    needs a patch-level model), the anomaly-map overlay of every image above the threshold
-    is written under ``maps/`` and named in the table's ``map`` column.
+    ``model`` is a model URI or file, by default ``models:/gaussian-ad-<category>@champion``;
+    it is resolved once and the run is pinned to that version. ``shard_size`` defaults to
+    the run's recorded one (256 for a new run). Output under ``out``: ``run.json``,
+    ``manifest.parquet``, ``scores/part-*.parquet`` (path, score, score_l<level>,
+    is_anomaly, model_name, model_version, shard; image_score, patch_score with a patch
+    model) and ``errors/*.parquet`` (path, reason, shard). With ``maps`` (the model needs a
+    patch-level model), the overlay of every image above the threshold goes under
+    ``maps/`` and is named in the table's ``map`` column.
     """
-    if shard_size < 1:
-        raise ValueError(f"shard_size: must be >= 1, got {shard_size}")
-    if model is None:
-        if category is None:
-            raise ValueError("give model= (a model URI) or category=")
-        model = f"models:/{registered_name(category)}@champion"
+    wanted = requested_model(model, category)
     tracking = tracking_uri(home)
     mlflow.set_tracking_uri(tracking)
-    version = resolve_version(model)
-    if maps and version is not None and version.tags.get("patch") != "True":
-        raise ValueError(
-            f"{model} (version {version.version}) has no patch-level model to draw maps with; "
-            "train with patch=True or score without maps"
-        )
-    model_uri = f"models:/{version.name}/{version.version}" if version else model
-    name, number = (version.name, version.version) if version else (model, "")
     out_dir = Path(out).resolve()
-    items, listing_errors = _manifest(source, out_dir)
-    shards = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
-    print(f"scoring {len(items)} images in {len(shards)} shard(s) with {model_uri}")
-    with gpu_annotation():
-        futures = [
-            score_shard_task.submit(
-                shard_items, i, str(out_dir), (model_uri, name, number), tracking, loader, maps
-            )
-            for i, shard_items in enumerate(shards)
-            if not part_path(str(out_dir), "scores", i).exists()
-        ]
-    infos = [f.result() for f in futures]
-    scores = _read_parts(out_dir / "scores")
-    errors = pd.concat([listing_errors, _read_parts(out_dir / "errors")])
-    summary = {
-        "images": len(items) + len(listing_errors),
-        "scored": len(scores),
-        "anomalies": int(scores["is_anomaly"].sum()) if len(scores) else 0,
-        "errors": len(errors),
-        "shards": len(shards),
-        "shards_run": sum(not i["skipped"] for i in infos),
-        "maps_written": sum(i.get("maps", 0) for i in infos),
-        "model": model_uri,
-        "out": str(out_dir),
-    }
+    with claim(out_dir):
+        run, items, listing_errors = open_run(
+            out_dir, source, wanted, shard_size, maps, pin_model, list_source_task
+        )
+        shards = run.shards(items)
+        pinned = (run.model.uri, run.model.name, run.model.version)
+        print(f"scoring {len(items)} images in {len(shards)} shard(s) with {run.model.uri}")
+        with gpu_annotation():
+            futures = [
+                score_shard_task.submit(part, i, str(out_dir), pinned, tracking, loader, maps)
+                for i, part in enumerate(shards)
+                if not part_path(out_dir, "scores", i).exists()
+            ]
+        summary, errors = summarize(out_dir, run, listing_errors, [f.result() for f in futures])
     print(
         f"{summary['scored']} scored, {summary['anomalies']} anomalous, "
         f"{summary['errors']} errors ({summary['shards_run']} of {len(shards)} shards run now)"
@@ -119,9 +72,3 @@ def score(
     if len(errors):
         print(errors[["path", "reason"]].head(20).to_string(index=False))
     return summary
-
-
-def _read_parts(folder: Path) -> pd.DataFrame:
-    """All Parquet parts of a folder, in shard order."""
-    parts = sorted(folder.glob("part-*.parquet"))
-    return pd.concat([pd.read_parquet(p) for p in parts]) if parts else pd.DataFrame()

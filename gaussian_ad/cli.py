@@ -467,7 +467,9 @@ def score_archive(
     category: Annotated[
         str | None, typer.Option(help="use models:/gaussian-ad-CATEGORY@champion")
     ] = None,
-    shard_size: Annotated[int, typer.Option(help="images per shard")] = 256,
+    shard_size: Annotated[
+        int | None, typer.Option(help="images per shard (default: the run's, 256 when new)")
+    ] = None,
     maps: Annotated[
         bool, typer.Option(help="write anomaly-map overlays of the images above the threshold")
     ] = False,
@@ -476,22 +478,27 @@ def score_archive(
     workers: WorkersOpt = 2,
 ) -> None:
     """Run the scoring flow over an archive; a rerun skips finished shards."""
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise typer.BadParameter(f"shard-size: must be >= 1, got {shard_size}")
     if (model is None) == (category is None):
         raise typer.BadParameter("give --model or --category (one of them)")
     _, loader = _configs(device=device, batch_size=batch_size, workers=workers)
+    from gaussian_ad.scoring.run import RunConflict
     from gaussian_ad_flows.score import score as score_flow
 
-    score_flow(
-        source,
-        model=model,
-        category=category,
-        out=str(out),
-        shard_size=shard_size,
-        loader=loader,
-        maps=maps,
-    )
+    try:
+        score_flow(
+            source,
+            model=model,
+            category=category,
+            out=str(out),
+            shard_size=shard_size,
+            loader=loader,
+            maps=maps,
+        )
+    except RunConflict as conflict:
+        typer.secho(f"refused: {conflict}", fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -6,8 +6,8 @@ from distributed import Client, LocalCluster
 from sklearn.covariance import LedoitWolf
 
 from gaussian_ad.data.images import ImageError, ImageRecord
-from gaussian_ad.features.patches import PatchGaussian
 from gaussian_ad.stats.gaussian import GaussianAD
+from gaussian_ad.stats.patch_gaussian import PatchGaussian
 from gaussian_ad.store.feature_store import FeatureStore
 from gaussian_ad.store.outofcore import fit_store, patch_moments
 
@@ -59,7 +59,7 @@ def test_dask_fit_with_reduction_equals_in_memory(tmp_path, features, reduction)
     store, _ = make_store(tmp_path / "s.zarr", 300, [24, 40], 50)
     write_all(store, features)
     model = fit_store(store, reduction, 0.9)
-    whole = GaussianAD(reduction, 0.9).fit(features)
+    whole = GaussianAD(reduction=reduction, variance_threshold=0.9).fit(features)
     probe = [f[:20] + 0.5 for f in features]
     for ours, ref in zip(model.components_, whole.components_, strict=True):
         assert ours.shape == ref.shape

@@ -8,6 +8,7 @@ The backbone weights are referenced by name (or path), never copied per version.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -26,6 +27,7 @@ from gaussian_ad.config import DetectorConfig, LoaderOptions
 from gaussian_ad.detection.detector import Detector
 from gaussian_ad.evaluation.evaluate import Evaluation, store_auroc
 from gaussian_ad.evaluation.report import report_data, write_report
+from gaussian_ad.scoring.run import PinnedModel
 from gaussian_ad.scoring.tables import score_table
 from gaussian_ad.store.feature_store import FeatureStore
 
@@ -315,3 +317,35 @@ def incremental_base(
     Path(base_path).parent.mkdir(parents=True, exist_ok=True)
     base.save(base_path)
     return base.config
+
+
+def requested_model(model: str | None, category: str | None) -> str:
+    """The model a scoring run asks for: ``model``, or the category's champion."""
+    if (model is None) == (category is None):
+        raise ValueError("give model= (a model URI or file) or category=, not both")
+    return model or f"models:/{registered_name(category)}@{CHAMPION}"
+
+
+def pin_model(model_uri: str) -> PinnedModel:
+    """Resolve a model once: a registry alias to its version, a file to its content hash."""
+    version = resolve_version(model_uri)
+    if version is not None:
+        threshold = version.tags.get("threshold")
+        return PinnedModel(
+            uri=f"models:/{version.name}/{version.version}",
+            name=version.name,
+            version=version.version,
+            threshold=None if threshold in (None, "", "None") else float(threshold),
+            has_patch=version.tags.get("patch") == "True",
+        )
+    detector = load_detector(model_uri)
+    digest = ""
+    if Path(model_uri).is_file():
+        digest = hashlib.sha256(Path(model_uri).read_bytes()).hexdigest()[:16]
+    return PinnedModel(
+        uri=model_uri,
+        name=model_uri,
+        version=digest,
+        threshold=detector.threshold,
+        has_patch=detector.patch_model_ is not None,
+    )

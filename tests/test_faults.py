@@ -1,0 +1,153 @@
+"""Fault injection: what an adversarial user does to a scoring run or a training set.
+
+Each test reproduces one failure seen before the fix (see the reliability issue) and checks
+that it cannot come back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from gaussian_ad.cli import app
+from gaussian_ad.config import DetectorConfig
+from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.detection.detector import Detector
+from gaussian_ad.registry.mlflow_model import log_detector, register
+from gaussian_ad.scoring.run import RunConflict, claim
+
+pytestmark = pytest.mark.integration
+
+CATEGORY = "grain"
+
+
+@pytest.fixture(scope="module")
+def models(small_dataset, tmp_path_factory) -> tuple[str, str]:
+    """Two different calibrated model files of one category."""
+    folder = tmp_path_factory.mktemp("models")
+    paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))]
+    files = []
+    for name, levels in (("a", "9"), ("b", "8-9")):
+        detector = Detector(DetectorConfig(levels=levels)).fit(paths[:20])
+        detector.calibrate(paths[20:])
+        files.append(str(detector.save(folder / f"{name}.safetensors")))
+    return files[0], files[1]
+
+
+@pytest.fixture
+def source(small_dataset):
+    return str(small_dataset / CATEGORY / "test")
+
+
+def read_rows(out) -> pd.DataFrame:
+    return pd.concat(pd.read_parquet(p) for p in sorted((out / "scores").glob("part-*.parquet")))
+
+
+def n_images(source) -> int:
+    from gaussian_ad.data.sources import list_source
+
+    return len(list_source(source)[0])
+
+
+def test_rerun_with_another_shard_size_is_refused_and_the_plan_continues(
+    prefect_harness, models, source, tmp_path
+):
+    from gaussian_ad_flows.score import score
+
+    out = tmp_path / "scores"
+    score(source, model=models[0], out=str(out), shard_size=4, home=str(tmp_path))
+    parts = sorted((out / "scores").glob("part-*.parquet"))
+    for part in parts[1:3]:  # an interrupted run: two shards never finished
+        part.unlink()
+    with pytest.raises(RunConflict, match="shard size 6 .*plan cuts 4"):
+        score(source, model=models[0], out=str(out), shard_size=6)
+    rerun = score(source, model=models[0], out=str(out))  # the recorded plan
+    assert rerun["shards_run"] == 2
+    table = read_rows(out)
+    assert len(table) == n_images(source) and table["path"].is_unique
+
+
+def test_rerun_with_another_model_is_refused(prefect_harness, models, source, tmp_path):
+    from gaussian_ad_flows.score import score
+
+    out = tmp_path / "scores"
+    score(source, model=models[0], out=str(out), shard_size=8)
+    with pytest.raises(RunConflict, match="is pinned to"):
+        score(source, model=models[1], out=str(out))
+    with pytest.raises(RunConflict, match="source"):
+        score(source + "/good", model=models[0], out=str(out))
+
+
+def test_rerun_after_a_new_champion_stays_on_the_pinned_version(
+    prefect_harness, mlflow_uri, models, source, tmp_path
+):
+    from gaussian_ad_flows.score import score
+
+    name = "gaussian-ad-faults"
+    client = MlflowClient(mlflow_uri)
+    versions = []
+    for model in models:
+        with mlflow.start_run():
+            info = log_detector(Detector.load(model))
+        versions.append(register(info.model_uri, name, {"patch": "False"}, client).version)
+    client.set_registered_model_alias(name, "champion", versions[0])
+    out = tmp_path / "scores"
+    first = score(source, model=f"models:/{name}@champion", out=str(out), shard_size=5)
+    assert first["model"] == f"models:/{name}/{versions[0]}"
+    for part in sorted((out / "scores").glob("part-*.parquet"))[2:]:
+        part.unlink()
+    client.set_registered_model_alias(name, "champion", versions[1])  # promoted meanwhile
+    score(source, model=f"models:/{name}@champion", out=str(out))
+    table = read_rows(out)
+    assert set(table["model_version"]) == {versions[0]} and table["path"].is_unique
+
+
+def test_a_second_run_on_a_claimed_folder_is_refused(prefect_harness, models, source, tmp_path):
+    from gaussian_ad_flows.score import score
+
+    out = tmp_path / "scores"
+    with claim(out), pytest.raises(RunConflict, match="another scoring run"):
+        score(source, model=models[0], out=str(out))
+    assert not (out / "scores").exists()
+    summary = score(source, model=models[0], out=str(out))  # the claim died with its holder
+    assert summary["scored"] == n_images(source)
+
+
+def test_score_archive_refusal_is_one_line_with_exit_code_2(
+    prefect_harness, models, source, tmp_path
+):
+    out = tmp_path / "scores"
+    runner = CliRunner()
+    args = ["score-archive", source, "--model", models[0], "--out", str(out)]
+    assert runner.invoke(app, [*args, "--shard-size", "8"]).exit_code == 0
+    result = runner.invoke(app, [*args, "--shard-size", "3"])
+    assert result.exit_code == 2
+    assert "refused:" in result.output and "shard size 3" in result.output
+
+
+def test_identical_training_images_are_refused_with_the_reason(small_dataset, tmp_path):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    image = Path(mvtec_manifest(small_dataset, CATEGORY, splits=("train",))[0].path)
+    for i in range(10):
+        (folder / f"{i}.png").write_bytes(image.read_bytes())
+    result = CliRunner().invoke(app, ["fit", str(folder), "--out", str(tmp_path / "m")])
+    assert result.exit_code != 0
+    assert "identical" in str(result.exception)
+
+
+def test_a_model_without_threshold_leaves_is_anomaly_empty(small_dataset, tmp_path):
+    paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))]
+    model = Detector(DetectorConfig(levels="9")).fit(paths).save(tmp_path / "m.safetensors")
+    out = tmp_path / "s.parquet"
+    result = CliRunner().invoke(app, ["score", str(model), paths[0], "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "no threshold" in result.output
+    table = pd.read_parquet(out)
+    assert table["is_anomaly"].isna().all() and np.isfinite(table["score"]).all()
