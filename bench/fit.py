@@ -1,7 +1,7 @@
 """Peak memory and speed of the out-of-core fit (a benchmark, not a test).
 
 Writes (or reuses) one synthetic single-level feature store per size, shard by shard, outside
-the git tree; then runs ``gaussian_ad.outofcore.fit_store`` over each store in a fresh
+the git tree; then runs ``gaussian_ad.store.outofcore.fit_store`` over each store in a fresh
 subprocess and reports its peak RSS (``ru_maxrss``) and wall time. Target: the largest store's
 peak RSS within 1.2x of the smallest's, and under 1.5 GB. Finally, on the smallest store, times
 the Dask fit against ``sklearn.covariance.LedoitWolf().fit`` on the same in-memory array and
@@ -34,8 +34,8 @@ from dask.callbacks import Callback
 
 from gaussian_ad.data.images import ImageRecord
 from gaussian_ad.stats.moments import Moments
-from gaussian_ad.store.outofcore import fit_store
 from gaussian_ad.store.feature_store import FeatureStore
+from gaussian_ad.store.outofcore import fit_store
 
 LEVEL = 0
 RSS_RATIO_TARGET = 1.2

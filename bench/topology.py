@@ -70,6 +70,7 @@ def task_breakdown(flow_run_id: Any, expected: int, timeout: float = 30) -> dict
 def child(data: str, home: str, runs: int, shard_size: int) -> list[dict[str, Any]]:
     """Train ``runs`` times in this process (configured by the environment); timings."""
     started = time.perf_counter()
+    from gaussian_ad_flows.options import TrainOptions
     from gaussian_ad_flows.train import train
 
     imported = time.perf_counter() - started
@@ -77,7 +78,8 @@ def child(data: str, home: str, runs: int, shard_size: int) -> list[dict[str, An
     for i in range(runs):
         started = time.perf_counter()
         folder = f"{home}/run{i}"
-        state = train(data, CATEGORY, shard_size=shard_size, home=folder, return_state=True)
+        options = TrainOptions(shard_size=shard_size, home=folder)
+        state = train(data, CATEGORY, options, return_state=True)
         wall = time.perf_counter() - started
         result = state.result()
         shards = result["shards"]

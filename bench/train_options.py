@@ -2,8 +2,9 @@
 
 Runs the training flow side by side in one process, per category of a synthetic
 MVTec-layout dataset (outside the git tree), with each option set: the paper's model
-(default), ``patch=True`` (patch-level model from the same extraction pass), ``score=fused``
-and ``select=True`` (configuration chosen on synthetic defects first, default grid).
+(default), ``patch=True`` (patch-level model from the same extraction pass),
+``score="fused"`` (with ``patch=True``) and ``select=True`` (configuration chosen on
+synthetic defects first, default grid).
 Reports wall time, its ratio to the default run, the chosen score's test AUROC and the
 pixel AUROC. The Prefect API is the ephemeral one and MLflow a SQLite file in a temporary
 home, started before the first timed run (a warm-up run on the first category); every
@@ -38,12 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_summary  # noqa: E402
 
+from gaussian_ad.config import DetectorConfig  # noqa: E402
 from gaussian_ad.data.synthetic import CATEGORIES, make_dataset  # noqa: E402
 
-OPTION_SETS = {
+OPTION_SETS = {  # TrainOptions fields, besides home and experiment
     "default": {},
-    "patch": {"patch": True},
-    "fused": {"score": "fused"},
+    "patch": {"detector": DetectorConfig(patch=True)},
+    "fused": {"detector": DetectorConfig(patch=True, score="fused")},
     "select": {"select": True},
 }
 MIB = 2**20
@@ -60,6 +62,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def flow_costs(args: argparse.Namespace) -> None:
+    from gaussian_ad_flows.options import TrainOptions
     from gaussian_ad_flows.train import train
 
     data = args.workdir / "data"
@@ -67,7 +70,7 @@ def flow_costs(args: argparse.Namespace) -> None:
         make_dataset(data, n_train=args.n_train, n_test_good=20, n_test_per_defect=6, seed=5)
     with tempfile.TemporaryDirectory(dir=args.workdir) as home:
         os.environ["GAUSSIAN_AD_HOME"] = home
-        train(str(data), args.categories[0], home=home, experiment="warm-up")
+        train(str(data), args.categories[0], TrainOptions(home=home, experiment="warm-up"))
         print(
             f"{'category':<10}{'options':<9}{'seconds':>9}{'ratio':>7}{'score':>7}"
             f"{'AUROC':>7}{'pixel':>7}"
@@ -77,7 +80,8 @@ def flow_costs(args: argparse.Namespace) -> None:
             for label, options in OPTION_SETS.items():
                 shutil.rmtree(Path(home) / "stores", ignore_errors=True)  # no reuse across runs
                 started = time.perf_counter()
-                result = train(str(data), category, home=home, experiment=label, **options)
+                run_options = TrainOptions(home=home, experiment=label, **options)
+                result = train(str(data), category, run_options)
                 seconds = time.perf_counter() - started
                 base = base or seconds
                 pixel = result.get("pixel_auroc", float("nan"))
@@ -93,8 +97,8 @@ def measure_store(rows: int, workdir: Path) -> None:
     import dask
 
     from gaussian_ad.data.images import ImageRecord
-    from gaussian_ad.store.outofcore import patch_moments
     from gaussian_ad.store.feature_store import FeatureStore
+    from gaussian_ad.store.outofcore import patch_moments
 
     grid, dim, shard = 28, 100, 50
     records = [ImageRecord(path=f"img{i:06d}.png") for i in range(rows)]

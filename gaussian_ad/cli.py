@@ -252,7 +252,7 @@ def score(
     """Score images with a saved model: path, score, per-level scores, is_anomaly."""
     from dataclasses import replace
 
-    from gaussian_ad.data.images import folder_manifest
+    from gaussian_ad.data.images import scan_images
     from gaussian_ad.detection.detector import Detector
     from gaussian_ad.scoring.outputs import score_rows
     from gaussian_ad.scoring.tables import write_table
@@ -265,8 +265,10 @@ def score(
         detector.calibration_ = replace(detector.calibration_, threshold=threshold)
     if detector.threshold is None:
         typer.secho("this model has no threshold: is_anomaly is left empty", fg="yellow", err=True)
-    files = [r.path for r in folder_manifest(paths)]
+    records, rejected = scan_images(paths)
+    files = [r.path for r in records]
     table, errors, n_maps = score_rows(detector, files, files, maps, ".", progress=True)
+    errors = rejected + errors
     if maps is not None:
         table["map"] = [str(maps / name) if name else "" for name in table["map"]]
         typer.echo(f"wrote {n_maps} overlay(s) to {maps}")
@@ -483,8 +485,9 @@ def score_archive(
     if (model is None) == (category is None):
         raise typer.BadParameter("give --model or --category (one of them)")
     _, loader = _configs(device=device, batch_size=batch_size, workers=workers)
-    from gaussian_ad.scoring.run import RunConflict
     from gaussian_ad_flows.score import score as score_flow
+
+    from gaussian_ad.scoring.run import RunConflict
 
     try:
         score_flow(

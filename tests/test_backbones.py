@@ -13,13 +13,11 @@ from safetensors.torch import save_file
 from skimage.data import chelsea
 
 from gaussian_ad.backbones import models as backbones
-from gaussian_ad.backbones.models import (
+from gaussian_ad.backbones.models import lite_package_weights, load_backbone, lukemelas_to_timm
+from gaussian_ad.backbones.specs import (
     BACKBONES,
     WeightsMismatchError,
     WeightsNotFoundError,
-    lite_package_weights,
-    load_backbone,
-    lukemelas_to_timm,
     parse_levels,
 )
 

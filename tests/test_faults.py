@@ -6,6 +6,9 @@ that it cannot come back.
 
 from __future__ import annotations
 
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -13,16 +16,22 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from typer.testing import CliRunner
 
 from gaussian_ad.cli import app
 from gaussian_ad.config import DetectorConfig
-from gaussian_ad.data.images import mvtec_manifest
+from gaussian_ad.data.images import (
+    ImageDecodeError,
+    ImageError,
+    entry_problem,
+    load_rgb,
+    mvtec_manifest,
+)
+from gaussian_ad.data.sources import list_source, read_items
 from gaussian_ad.detection.detector import Detector
 from gaussian_ad.registry.mlflow_model import log_detector, register
 from gaussian_ad.scoring.run import RunConflict, claim
-
-pytestmark = pytest.mark.integration
 
 CATEGORY = "grain"
 
@@ -50,11 +59,10 @@ def read_rows(out) -> pd.DataFrame:
 
 
 def n_images(source) -> int:
-    from gaussian_ad.data.sources import list_source
-
     return len(list_source(source)[0])
 
 
+@pytest.mark.integration
 def test_rerun_with_another_shard_size_is_refused_and_the_plan_continues(
     prefect_harness, models, source, tmp_path
 ):
@@ -73,6 +81,7 @@ def test_rerun_with_another_shard_size_is_refused_and_the_plan_continues(
     assert len(table) == n_images(source) and table["path"].is_unique
 
 
+@pytest.mark.integration
 def test_rerun_with_another_model_is_refused(prefect_harness, models, source, tmp_path):
     from gaussian_ad_flows.score import score
 
@@ -84,12 +93,14 @@ def test_rerun_with_another_model_is_refused(prefect_harness, models, source, tm
         score(source + "/good", model=models[0], out=str(out))
 
 
+@pytest.mark.integration
 def test_rerun_after_a_new_champion_stays_on_the_pinned_version(
     prefect_harness, mlflow_uri, models, source, tmp_path
 ):
     from gaussian_ad_flows.score import score
 
     name = "gaussian-ad-faults"
+    mlflow.set_tracking_uri(mlflow_uri)
     client = MlflowClient(mlflow_uri)
     versions = []
     for model in models:
@@ -108,6 +119,7 @@ def test_rerun_after_a_new_champion_stays_on_the_pinned_version(
     assert set(table["model_version"]) == {versions[0]} and table["path"].is_unique
 
 
+@pytest.mark.integration
 def test_a_second_run_on_a_claimed_folder_is_refused(prefect_harness, models, source, tmp_path):
     from gaussian_ad_flows.score import score
 
@@ -119,6 +131,7 @@ def test_a_second_run_on_a_claimed_folder_is_refused(prefect_harness, models, so
     assert summary["scored"] == n_images(source)
 
 
+@pytest.mark.integration
 def test_score_archive_refusal_is_one_line_with_exit_code_2(
     prefect_harness, models, source, tmp_path
 ):
@@ -151,3 +164,77 @@ def test_a_model_without_threshold_leaves_is_anomaly_empty(small_dataset, tmp_pa
     assert "no threshold" in result.output
     table = pd.read_parquet(out)
     assert table["is_anomaly"].isna().all() and np.isfinite(table["score"]).all()
+
+
+# --------------------------------------------------------------------------- awkward inputs
+def within(seconds: float, function, *args):
+    """``function(*args)``, failing (instead of hanging the suite) after ``seconds``."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(function, *args).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+@pytest.fixture
+def awkward(small_dataset, tmp_path) -> Path:
+    """Two good images next to everything that looks like an image but is not one."""
+    folder = tmp_path / "awkward"
+    folder.mkdir()
+    for record in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))[:2]:
+        shutil.copy(record.path, folder / Path(record.path).name)
+    os.mkfifo(folder / "fifo.png")
+    (folder / "folder.png").mkdir()
+    (folder / "broken.png").symlink_to(folder / "missing.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    Image.new("RGB", (8, 8)).save(folder / "multi.gif")
+    (folder / "notes.txt").write_text("not an image, not named like one")
+    return folder
+
+
+EXPECTED_REASONS = {
+    "fifo.png": "not a regular file (a FIFO)",
+    "folder.png": "a folder named like an image",
+    "broken.png": "broken symbolic link",
+    "loop.png": "symbolic link loop",
+    "multi.gif": "unsupported image format .gif",
+}
+
+
+def test_every_image_like_entry_is_listed_or_rejected_with_its_reason(awkward):
+    items, rejected = within(30, list_source, str(awkward))
+    assert len(items) == 2 and all(entry_problem(i.location) is None for i in items)
+    reasons = {Path(e.path).name: e.reason for e in rejected}
+    assert set(reasons) == set(EXPECTED_REASONS)
+    for name, reason in EXPECTED_REASONS.items():
+        assert reason in reasons[name], (name, reasons[name])
+
+
+def test_a_fifo_appearing_after_listing_is_an_error_row_not_a_hang(awkward):
+    items, _ = list_source(str(awkward))
+    victim = Path(items[0].location)
+    victim.unlink()
+    os.mkfifo(victim)
+    results = within(30, lambda: list(read_items(items)))
+    assert isinstance(results[0][1], ImageError) and "FIFO" in results[0][1].reason
+    assert isinstance(results[1][1], bytes)
+    with pytest.raises(ImageDecodeError, match="FIFO"):
+        within(30, load_rgb, str(victim))
+
+
+def test_score_reports_every_named_input(awkward, small_dataset, tmp_path):
+    paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))]
+    model = Detector(DetectorConfig(levels="9")).fit(paths[:20]).calibrate(paths[20:])
+    model_file = model.save(tmp_path / "m.safetensors")
+    out = tmp_path / "rows.csv"
+    named = [awkward / "multi.gif", awkward / "fifo.png", awkward]
+    result = within(
+        120,
+        CliRunner().invoke,
+        app,
+        ["score", str(model_file), *map(str, named), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(out)) == 2
+    for name in EXPECTED_REASONS:
+        assert name in result.output, name

@@ -1,4 +1,4 @@
-"""Tests for gaussian_ad.data.images: manifests, decoding of awkward and broken files, fingerprints."""
+"""gaussian_ad.data.images: manifests, decoding of awkward and broken files, fingerprints."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from gaussian_ad.data.images import (
     ImageRecord,
     file_digest,
     folder_manifest,
+    load_masks,
     load_rgb,
     manifest_fingerprint,
     mvtec_categories,
@@ -80,6 +81,20 @@ def test_mvtec_manifest_counts_labels_and_masks(dataset: Path) -> None:
         assert all(r.category == category and Path(r.path).is_file() for r in records)
         assert records == mvtec_manifest(dataset, category)  # deterministic
         assert [r.path for r in train] == sorted(r.path for r in train)
+
+
+def test_load_masks_resizes_nearest_and_treats_none_as_normal(tmp_path: Path) -> None:
+    mask = np.zeros((4, 6), dtype=np.uint8)
+    mask[1:3, 0:3] = 255  # the left half of the middle rows
+    mask[0, 5] = 127  # at most 127 is background
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    masks = load_masks([None, str(tmp_path / "m.png")], 12)
+    assert masks.shape == (2, 12, 12) and masks.dtype == bool
+    assert not masks[0].any()
+    expected = np.zeros((12, 12), dtype=bool)
+    expected[3:9, 0:6] = True
+    np.testing.assert_array_equal(masks[1], expected)
+    assert load_masks([], 5).shape == (0, 5, 5)
 
 
 def test_mvtec_manifest_selected_splits(dataset: Path) -> None:

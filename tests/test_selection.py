@@ -9,19 +9,17 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from gaussian_ad.backbones.models import load_backbone
 from gaussian_ad.cli import app
+from gaussian_ad.config import DetectorConfig, LoaderOptions
+from gaussian_ad.data.defects import KINDS, synthetic_defect, validation_set
 from gaussian_ad.data.images import mvtec_manifest
 from gaussian_ad.evaluation.evaluate import split_records
 from gaussian_ad.evaluation.selection import (
     DEFAULT_GRID,
-    KINDS,
     Candidate,
     Selection,
     best_candidate,
     select_configuration,
-    synthetic_defect,
-    validation_set,
 )
 
 
@@ -78,6 +76,15 @@ def test_candidates_are_validated():
     assert len(set(DEFAULT_GRID)) == len(DEFAULT_GRID)
 
 
+def test_candidate_configures_a_detector():
+    base = DetectorConfig(levels="3-5", seed=3, patch_channels=40)
+    fused = Candidate("6-8", "npca", "fused").config(base)
+    assert fused == base.replace(levels="6-8", reduction="npca", score="fused", patch=True)
+    assert Candidate("7", None, "image").config(base) == base.replace(levels="7")
+    patch = Candidate(None, None, "patch").config(base)
+    assert (patch.levels, patch.score, patch.patch) == ((3, 4, 5), "patch", True)
+
+
 def test_ties_go_to_the_simpler_candidate():
     patch = Candidate(None, None, "patch")
     fused = Candidate("7", None, "fused")
@@ -93,7 +100,6 @@ def test_ties_go_to_the_simpler_candidate():
 
 
 def test_select_configuration_scores_every_candidate(grain_train):
-    backbone = load_backbone("lite0", "3-8", device="cpu")
     grid = [
         Candidate("6-8", None, "image"),
         Candidate("7", "npca", "fused"),
@@ -102,10 +108,10 @@ def test_select_configuration_scores_every_candidate(grain_train):
     selection = select_configuration(
         grain_train[:10],  # a small fit keeps the test fast
         grain_train[10:14],
-        backbone,
+        DetectorConfig(backbone="lite0"),
         grid,
+        LoaderOptions(device="cpu", batch_size=16),
         n_per_kind=2,
-        batch_size=16,
     )
     assert [c for c, _ in selection.results] == grid
     assert all(0.0 <= value <= 1.0 for _, value in selection.results)
@@ -118,8 +124,12 @@ def test_select_configuration_scores_every_candidate(grain_train):
     }
     restored = Selection.from_dict(json.loads(json.dumps(selection.to_dict())))
     assert restored == selection
-    with pytest.raises(ValueError, match=r"levels \[1, 2, 9\]"):
-        select_configuration(grain_train[:20], grain_train[20:], backbone, DEFAULT_GRID)
+    assert (selection.backbone, selection.seed) == ("lite0", 0)
+    # Grid levels the backbone does not have are rejected before any image is read.
+    with pytest.raises(ValueError, match=r"levels \[6, 7, 8, 9\] out of range"):
+        select_configuration(
+            grain_train[:20], grain_train[20:], DetectorConfig(backbone="resnet18"), DEFAULT_GRID
+        )
 
 
 def test_cli_select_writes_the_selection(small_dataset, tmp_path):

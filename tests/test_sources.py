@@ -1,4 +1,4 @@
-"""Tests for gaussian_ad.data.sources: listing and reading folders, globs, archives and fsspec URLs."""
+"""gaussian_ad.data.sources: listing and reading folders, globs, archives and fsspec URLs."""
 
 from __future__ import annotations
 

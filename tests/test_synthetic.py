@@ -1,4 +1,4 @@
-"""Tests for gaussian_ad.data.synthetic: layout, masks and reproducibility of the generated dataset."""
+"""gaussian_ad.data.synthetic: layout, masks and reproducibility of the generated dataset."""
 
 from __future__ import annotations
 

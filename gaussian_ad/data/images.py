@@ -8,10 +8,13 @@ folders. :func:`load_rgb` turns any supported source into a fully decoded RGB im
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
@@ -22,9 +25,15 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 )
+UNSUPPORTED_IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".gif", ".heic", ".heif", ".avif", ".jp2", ".ico", ".svg"}
+)
+"""Image formats that are listed as errors (with the reason), never skipped silently."""
 SPLITS: tuple[str, ...] = ("train", "test")
 GOOD = "good"
 
@@ -138,27 +147,77 @@ def mvtec_manifest(
 
 
 def folder_manifest(paths: Iterable[str | os.PathLike]) -> list[ImageRecord]:
-    """Unlabelled records for image files and folders (searched recursively).
+    """Unlabelled records of the images :func:`scan_images` finds; what it rejects is logged."""
+    records, rejected = scan_images(paths)
+    for error in rejected:
+        logger.warning("skipped %s: %s", error.path, error.reason)
+    return records
 
-    Only files with an extension in :data:`IMAGE_EXTENSIONS` are kept (also when named
-    directly); hidden files and folders are skipped. The result is sorted by path and free of
-    duplicates. A path that does not exist raises FileNotFoundError.
+
+def scan_images(paths: Iterable[str | os.PathLike]) -> tuple[list[ImageRecord], list[ImageError]]:
+    """Records of the image files among ``paths`` (folders searched recursively), and an
+    error record for every entry that looks like an image but cannot be one.
+
+    Images: regular files with an extension in :data:`IMAGE_EXTENSIONS`. Rejected, with the
+    reason: such names that are FIFOs, sockets or devices, broken links or link loops, or
+    folders; files in :data:`UNSUPPORTED_IMAGE_EXTENSIONS`; and any file named directly that
+    is not a supported image. Other files in folders, and hidden files and folders, are
+    skipped. Sorted by path, free of duplicates. A named path that does not exist raises
+    FileNotFoundError.
     """
     found: set[str] = set()
+    rejected: dict[str, str] = {}
+
+    def consider(path: Path, named: bool) -> None:
+        suffix = path.suffix.lower()
+        if suffix in UNSUPPORTED_IMAGE_EXTENSIONS or (named and suffix not in IMAGE_EXTENSIONS):
+            rejected[str(path)] = f"unsupported image format {suffix or '(no extension)'}; " + (
+                "supported: " + ", ".join(sorted(IMAGE_EXTENSIONS))
+            )
+        elif suffix in IMAGE_EXTENSIONS:
+            problem = entry_problem(path)
+            if problem is None:
+                found.add(str(path))
+            else:
+                rejected[str(path)] = problem
+
     for given in paths:
         path = Path(given)
+        if not path.exists() and not path.is_symlink():
+            raise FileNotFoundError(f"image file or folder not found: {path}")
         if path.is_dir():
             for folder, subfolders, files in os.walk(path):
                 subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-                found.update(
-                    str(Path(folder) / f) for f in files if _is_image_file(Path(folder) / f)
-                )
-        elif path.is_file():
-            if _is_image_file(path):
-                found.add(str(path))
+                for name in subfolders:
+                    if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                        rejected[str(Path(folder) / name)] = "a folder named like an image"
+                for name in files:
+                    if not name.startswith("."):
+                        consider(Path(folder) / name, named=False)
         else:
-            raise FileNotFoundError(f"image file or folder not found: {path}")
-    return [ImageRecord(p) for p in sorted(found)]
+            consider(path, named=True)
+    records = [ImageRecord(p) for p in sorted(found)]
+    return records, [ImageError(p, reason) for p, reason in sorted(rejected.items())]
+
+
+def entry_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as an image file without blocking, or None if it can."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if os.path.islink(path):
+            return "broken symbolic link"
+        if exc.errno == errno.ENOENT:
+            return "file not found"
+        return f"cannot read file: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device"}
+        return f"not a regular file ({kinds.get(stat.S_IFMT(mode), 'a device')})"
+    return None
 
 
 def load_rgb(
@@ -195,6 +254,9 @@ def load_rgb(
         return _array_to_rgb(source, name or "<array>")
     if isinstance(source, str | os.PathLike):
         label = name or os.fspath(source)
+        problem = entry_problem(source)  # a FIFO would block open() forever
+        if problem is not None:
+            raise ImageDecodeError(label, problem)
         try:
             with open(source, "rb") as file:
                 return _decode(file, label, draft_size)

@@ -44,7 +44,13 @@ from typing import BinaryIO, Protocol
 import fsspec
 import fsspec.core
 
-from gaussian_ad.data.images import IMAGE_EXTENSIONS, ImageError, ImageRecord, folder_manifest
+from gaussian_ad.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    ImageRecord,
+    entry_problem,
+    scan_images,
+)
 
 TAR_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 ZIP_SUFFIXES: tuple[str, ...] = (".zip",)
@@ -118,11 +124,13 @@ def list_source(source: str | os.PathLike) -> tuple[list[SourceItem], list[Image
         return _list_archive(str(path))
     if path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise ValueError(f"not an image file or a supported archive: {text}")
-    if path.exists():
-        return _items_of(folder_manifest([path])), []
+    if path.exists() or path.is_symlink():
+        records, rejected = scan_images([path])
+        return _items_of(records), rejected
     if _GLOB_CHARS.intersection(text):
         matches = glob.glob(text, recursive=True)
-        return _items_of(folder_manifest(m for m in matches if os.path.isfile(m))), []
+        records, rejected = scan_images(m for m in matches if not os.path.isdir(m))
+        return _items_of(records), rejected
     raise FileNotFoundError(f"image source not found: {text}")
 
 
@@ -305,6 +313,8 @@ def _read_limited(file: BinaryIO) -> bytes:
 
 
 def _read_file(location: str) -> bytes:
+    if "://" not in location and (problem := entry_problem(location)) is not None:
+        raise _Unreadable(problem)  # checked before open(): a FIFO would block it
     try:
         with _open_binary(location) as file:
             return _read_limited(file)

@@ -222,7 +222,6 @@ def record_training(
     name = registered_name(category)
     config = detector.config
     levels = list(config.image_levels)
-    thresholds = evaluation.thresholds
     chosen_auroc = evaluation.auroc
     params = {**config.to_dict(), "n_train": detector.model_.n_samples_, **params}
     test = store.manifest.iloc[evaluation.test.index]
@@ -236,16 +235,10 @@ def record_training(
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{category}-{config.backbone}"):
         run_id = mlflow.active_run().info.run_id
         mlflow.log_params(params)
-        metrics = evaluation.summary_metrics()
-        per_level = zip(levels, evaluation.auroc_levels, strict=True)
-        metrics |= {f"auroc_l{level}": value for level, value in per_level}
+        mlflow.log_metrics(run_metrics(evaluation, levels, selection))
         if selection is not None:
-            metrics |= {
-                f"select_auroc_{candidate_key(row)}": row["auroc"] for row in selection["results"]
-            }
             mlflow.log_dict(selection, "selection.json")
-        mlflow.log_metrics({**metrics, **thresholds.metrics})
-        mlflow.log_dict(thresholds.thresholds, "thresholds.json")
+        mlflow.log_dict(evaluation.thresholds.thresholds, "thresholds.json")
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(write_report(report, Path(tmp) / "report.html")))
         info = log_detector(detector)
@@ -257,14 +250,44 @@ def record_training(
             mlflow.log_metric("champion_auroc", previous)
         promoted, reason = decide_promotion(chosen_auroc, previous, tolerance)
         mlflow.set_tags({"promoted": str(promoted), "promotion_reason": reason})
+    tags = version_tags(detector, evaluation, params, reason, selection)
+    version = register(info.model_uri, name, tags, client)
+    if promoted:
+        promote(name, version.version, client)
+    return TrainingRecord(run_id, name, version.version, promoted, reason, chosen_auroc, previous)
+
+
+def run_metrics(
+    evaluation: Evaluation, levels: list[int], selection: dict[str, Any] | None
+) -> dict[str, float]:
+    """The run's metrics: the evaluation's, per level, per selection candidate, thresholds."""
+    metrics = evaluation.summary_metrics()
+    per_level = zip(levels, evaluation.auroc_levels, strict=True)
+    metrics |= {f"auroc_l{level}": value for level, value in per_level}
+    if selection is not None:
+        metrics |= {
+            f"select_auroc_{candidate_key(row)}": row["auroc"] for row in selection["results"]
+        }
+    return {**metrics, **evaluation.thresholds.metrics}
+
+
+def version_tags(
+    detector: Detector,
+    evaluation: Evaluation,
+    params: dict[str, Any],
+    reason: str,
+    selection: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The registered version's tags: headline figures, configuration, provenance."""
+    config = detector.config
     tags = {
-        "auroc": f"{chosen_auroc:.6f}",
+        "auroc": f"{evaluation.auroc:.6f}",
         "score": config.score,
         "patch": str(detector.patch_model_ is not None),
         "threshold": f"{evaluation.threshold:.6f}",
-        "thresholds": json.dumps(thresholds.thresholds),
+        "thresholds": json.dumps(evaluation.thresholds.thresholds),
         "backbone": config.backbone,
-        "levels": ",".join(map(str, levels)),
+        "levels": ",".join(map(str, config.image_levels)),
         "n_train": params["n_train"],
         "data_fingerprint": params.get("data_fingerprint", ""),
         "promotion_reason": reason,
@@ -278,10 +301,7 @@ def record_training(
                 {candidate_key(row): round(row["auroc"], 6) for row in selection["results"]}
             ),
         }
-    version = register(info.model_uri, name, tags, client)
-    if promoted:
-        promote(name, version.version, client)
-    return TrainingRecord(run_id, name, version.version, promoted, reason, chosen_auroc, previous)
+    return tags
 
 
 def candidate_key(candidate: dict[str, Any]) -> str:
