@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tarfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from typer.testing import CliRunner
 
 from gaussian_ad.cli import app
 from gaussian_ad.config import DetectorConfig
+from gaussian_ad.data import sources
 from gaussian_ad.data.images import (
     ImageDecodeError,
     ImageError,
@@ -31,6 +34,7 @@ from gaussian_ad.data.images import (
 from gaussian_ad.data.sources import list_source, read_items
 from gaussian_ad.detection.detector import Detector
 from gaussian_ad.registry.mlflow_model import log_detector, register
+from gaussian_ad.scoring import outputs
 from gaussian_ad.scoring.run import RunConflict, claim
 
 CATEGORY = "grain"
@@ -238,3 +242,62 @@ def test_score_reports_every_named_input(awkward, small_dataset, tmp_path):
     assert len(pd.read_csv(out)) == 2
     for name in EXPECTED_REASONS:
         assert name in result.output, name
+
+
+# --------------------------------------------------------------------------- archives
+def tar_of(small_dataset, path: Path, n: int) -> list[str]:
+    records = mvtec_manifest(small_dataset, CATEGORY, splits=("test",))[:n]
+    with tarfile.open(path, "w:gz") as tar:
+        for i, record in enumerate(records):
+            tar.add(record.path, arcname=f"m{i:02d}.png")
+    return [f"m{i:02d}.png" for i in range(len(records))]
+
+
+def test_a_truncated_tar_gz_scores_the_members_before_the_damage(small_dataset, tmp_path):
+    archive = tmp_path / "cut.tar.gz"
+    members = tar_of(small_dataset, archive, 8)
+    data = archive.read_bytes()
+    archive.write_bytes(data[: int(len(data) * 0.6)])
+    items, rejected = list_source(str(archive))
+    assert 0 < len(items) < len(members)
+    assert [i.member for i in items] == members[: len(items)]
+    (error,) = rejected
+    assert error.path == str(archive) and "truncated or damaged after member" in error.reason
+    assert all(isinstance(content, bytes) for _, content in read_items(items))
+
+
+def test_a_member_over_the_read_limit_is_refused_by_its_size(small_dataset, tmp_path, monkeypatch):
+    archive = tmp_path / "big.zip"
+    records = mvtec_manifest(small_dataset, CATEGORY, splits=("test",))[:2]
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(records[0].path, "small.png")
+        zf.writestr("big.png", b"\0" * 300_000)
+    monkeypatch.setattr(sources, "MAX_ITEM_BYTES", 200_000)
+    results = dict(
+        (item.member, content) for item, content in read_items(list_source(str(archive))[0])
+    )
+    assert isinstance(results["small.png"], bytes)
+    assert isinstance(results["big.png"], ImageError)
+    assert results["big.png"].path.endswith("!big.png")
+    assert "too large to read" in results["big.png"].reason
+
+
+def test_a_shard_holds_a_bounded_number_of_bytes(models, small_dataset, tmp_path, monkeypatch):
+    archive = tmp_path / "a.tar.gz"
+    members = tar_of(small_dataset, archive, 9)
+    items, _ = list_source(str(archive))
+    sizes = [len(content) for _, content in read_items(items)]
+    monkeypatch.setattr(outputs, "BYTES_IN_FLIGHT", 3 * max(sizes))
+    chunks = []
+    real = outputs.score_rows
+
+    def spy(detector, sources, names, *args, **kwargs):
+        chunks.append(sum(len(s) for s in sources))
+        return real(detector, sources, names, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "score_rows", spy)
+    info = outputs.score_shard(Detector.load(models[0]), items, 0, tmp_path / "out", ("m", "1"))
+    assert info["rows"] == len(members) and len(chunks) >= 3
+    assert max(chunks) <= 3 * max(sizes)
+    table = pd.read_parquet(tmp_path / "out" / "scores" / "part-00000.parquet")
+    assert sorted(table["path"]) == sorted(i.name for i in items)

@@ -236,16 +236,27 @@ def _glob_root(pattern: str) -> str:
 
 def _list_archive(location: str) -> tuple[list[SourceItem], list[ImageError]]:
     """Items and rejections of a tar or zip archive at a local path or URL."""
+    damage = None
     try:
         with _open_binary(location) as file:
-            entries = _zip_entries(file) if _archive_kind(location) == "zip" else _tar_entries(file)
+            if _archive_kind(location) == "zip":
+                entries = _zip_entries(file)
+            else:
+                entries, damage = _tar_entries(file)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"image source not found: {location}") from exc
     except _ARCHIVE_ERRORS as exc:
         raise ValueError(f"cannot read archive {location}: {exc}") from exc
+    if damage is not None and not entries:
+        raise ValueError(f"cannot read archive {location}: {damage}")
     counts = Counter(name for name, _ in entries)
     items: list[SourceItem] = []
     errors: list[ImageError] = []
+    if damage is not None:
+        last = entries[-1][0]
+        errors.append(
+            ImageError(location, f"archive truncated or damaged after member {last}: {damage}")
+        )
     for member, entry_type in entries:
         if not _is_image_name(member):
             continue
@@ -293,9 +304,32 @@ def _zip_entries(file: BinaryIO) -> list[tuple[str, str | None]]:
         return [(info.filename, _zip_entry_type(info)) for info in archive.infolist()]
 
 
-def _tar_entries(file: BinaryIO) -> list[tuple[str, str | None]]:
-    with tarfile.open(fileobj=file, mode="r:*") as archive:
-        return [(info.name, _tar_entry_type(info)) for info in _tar_members(archive)]
+def _tar_entries(file: BinaryIO) -> tuple[list[tuple[str, str | None]], str | None]:
+    """The members up to any damage, and what the damage is (None for a sound archive).
+
+    In a compressed tar a member is only listed once its data decompressed to its end (the
+    listing decompresses the archive once anyway), so a member cut off by the damage is
+    never listed; in a plain tar a cut member is listed and fails when read."""
+    entries: list[tuple[str, str | None]] = []
+    previous = None
+    try:
+        with tarfile.open(fileobj=file, mode="r:*") as archive:
+            compressed = archive.fileobj is not file
+            for info in _tar_members(archive):
+                if previous is not None:
+                    entries.append(previous)
+                previous = (info.name, _tar_entry_type(info))
+                if compressed and info.isreg():  # decompress to its end: a cut one fails here
+                    stream = archive.extractfile(info)
+                    while stream is not None and stream.read(1 << 20):
+                        pass
+            if previous is not None:
+                entries.append(previous)
+    except _ARCHIVE_ERRORS as exc:
+        if not entries and previous is None:
+            raise
+        return entries, f"{type(exc).__name__}: {exc}"
+    return entries, None
 
 
 def _tar_members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -305,19 +339,31 @@ def _tar_members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield info
 
 
-def _read_limited(file: BinaryIO) -> bytes:
+def _read_limited(file: BinaryIO, size: int | None = None) -> bytes:
+    """The bytes of ``file``; one over :data:`MAX_ITEM_BYTES` (by its known ``size``, before
+    reading anything, or while reading) is refused with its size."""
+    if size is not None and size > MAX_ITEM_BYTES:
+        raise _Unreadable(_too_large(size))
     data = file.read(MAX_ITEM_BYTES + 1)
     if len(data) > MAX_ITEM_BYTES:
-        raise _Unreadable(f"larger than the read limit of {MAX_ITEM_BYTES} bytes")
+        raise _Unreadable(_too_large(None))
     return data
 
 
+def _too_large(size: int | None) -> str:
+    what = "more than the limit" if size is None else f"{size / 2**20:.0f} MiB"
+    return f"too large to read: {what} (the read limit is {MAX_ITEM_BYTES / 2**20:.0f} MiB)"
+
+
 def _read_file(location: str) -> bytes:
-    if "://" not in location and (problem := entry_problem(location)) is not None:
-        raise _Unreadable(problem)  # checked before open(): a FIFO would block it
+    size = None
+    if "://" not in location:
+        if (problem := entry_problem(location)) is not None:
+            raise _Unreadable(problem)  # checked before open(): a FIFO would block it
+        size = os.stat(location).st_size
     try:
         with _open_binary(location) as file:
-            return _read_limited(file)
+            return _read_limited(file, size)
     except FileNotFoundError as exc:
         raise _Unreadable("file not found") from exc
     except IsADirectoryError as exc:
@@ -383,7 +429,7 @@ class _ZipReader:
             raise _Unreadable("archive member not found") from exc
         _check_member(member, _zip_entry_type(info))
         with _member_errors(member), self._archive.open(info) as file:
-            return _read_limited(file)
+            return _read_limited(file, info.file_size)
 
 
 class _TarRandomReader:
@@ -405,7 +451,7 @@ class _TarRandomReader:
             raise _Unreadable("archive member not found")
         _check_member(member, _tar_entry_type(info))
         with _member_errors(member):
-            return _read_limited(self._archive.extractfile(info))
+            return _read_limited(self._archive.extractfile(info), info.size)
 
 
 class _TarStreamReader:
@@ -445,6 +491,6 @@ class _TarStreamReader:
     def _take(self, info: tarfile.TarInfo) -> bytes | _Unreadable:
         try:
             _check_member(info.name, _tar_entry_type(info))
-            return _read_limited(self._archive.extractfile(info))
+            return _read_limited(self._archive.extractfile(info), info.size)
         except _Unreadable as exc:
             return exc

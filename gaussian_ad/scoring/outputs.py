@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,10 @@ from gaussian_ad.scoring.overlays import write_overlays
 from gaussian_ad.scoring.tables import error_table, score_table, write_table
 
 logger = logging.getLogger(__name__)
+
+BYTES_IN_FLIGHT = 256 << 20
+"""Encoded bytes a shard holds at once: items are read and scored in chunks of at most this
+(plus one item of up to the read limit, 1 GiB), whatever the shard's size."""
 
 
 def score_rows(
@@ -49,6 +53,34 @@ def score_rows(
     return table, result.errors, len(written)
 
 
+def _chunks_in_memory(
+    items: Sequence[SourceItem],
+) -> Iterator[tuple[list[str], list[bytes], list[ImageError]]]:
+    """(names, contents, read errors) of consecutive items, at most ``BYTES_IN_FLIGHT`` of
+    content at a time (one item over it goes alone; items over the read limit never load)."""
+    names: list[str] = []
+    contents: list[bytes] = []
+    errors: list[ImageError] = []
+    held = 0
+    for item, content in read_items(items):
+        if isinstance(content, ImageError):
+            errors.append(content)
+            continue
+        if contents and held + len(content) > BYTES_IN_FLIGHT:
+            yield names, contents, errors
+            names, contents, errors, held = [], [], [], 0
+        names.append(item.name)
+        contents.append(content)
+        held += len(content)
+    if contents or errors:
+        yield names, contents, errors
+
+
+def _empty_rows(detector: Detector) -> pd.DataFrame:
+    """The score rows of a shard where nothing decoded (same columns, no rows)."""
+    return score_rows(detector, [], [])[0]
+
+
 def part_path(out: str | Path, kind: str, shard: int) -> Path:
     """Where a shard's scores or errors go: ``<out>/<kind>/part-<shard>.parquet``."""
     return Path(out) / kind / f"part-{shard:05d}.parquet"
@@ -73,17 +105,15 @@ def score_shard(
         logger.info("shard %d already scored (%s), skipped", shard, scores_part)
         return {"shard": shard, "skipped": True}
     started = time.perf_counter()
-    names, contents, errors = [], [], []
-    for item, content in read_items(items):
-        if isinstance(content, ImageError):
-            errors.append(content)
-        else:
-            names.append(item.name)
-            contents.append(content)
-    table, score_errors, n_maps = score_rows(
-        detector, contents, names, out if maps else None, f"maps/part-{shard:05d}"
-    )
-    errors += score_errors
+    tables, errors, n_maps = [], [], 0
+    for names, contents, read_errors in _chunks_in_memory(items):
+        table, score_errors, written = score_rows(
+            detector, contents, names, out if maps else None, f"maps/part-{shard:05d}"
+        )
+        tables.append(table)
+        errors += read_errors + score_errors
+        n_maps += written
+    table = pd.concat(tables, ignore_index=True) if tables else _empty_rows(detector)
     table["model_name"], table["model_version"] = model
     table["shard"] = np.int32(shard)
     errors_table = error_table(errors)

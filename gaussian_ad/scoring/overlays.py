@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -31,14 +32,19 @@ def overlay(
     return Image.blend(image.convert("RGB"), Image.fromarray(colored), MAP_ALPHA)
 
 
-def overlay_name(folder: str, position: int, name: str) -> str:
-    """A safe relative file name for an image's overlay: ``<folder>/<position>-<stem>.png``.
+def overlay_name(folder: str, name: str) -> str:
+    """A safe relative file name for an image's overlay, ``<folder>/<tail>-<hash>.png``.
 
-    Only the image name's stem is kept (characters outside [A-Za-z0-9._-] replaced), so
-    the file stays inside the output folder whatever the name; the position keeps it unique.
+    ``tail`` keeps the last three parts of the image's name (an archive member's path, or
+    the defect folder and file of a path) with characters outside [A-Za-z0-9._-] replaced,
+    so the file stays inside the output folder whatever the name; the hash of the full name
+    keeps names that look alike apart.
     """
-    stem = PurePosixPath(name.replace("\\", "/")).stem
-    return f"{folder}/{position:05d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)}.png"
+    path = PurePosixPath(name.replace("\\", "/").replace("!", "/"))
+    parts = [*path.parent.parts[-2:], path.stem]
+    tail = "__".join(re.sub(r"[^A-Za-z0-9._-]+", "_", part) for part in parts if part != "/")
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{folder}/{tail.strip('._') or 'image'}-{digest}.png"
 
 
 def write_overlay(
@@ -82,6 +88,6 @@ def write_overlays(
         return written
     for row in np.flatnonzero(scores.is_anomaly):
         position = int(scores.index[row])
-        written[position] = overlay_name(folder, position, names[position])
+        written[position] = overlay_name(folder, names[position])
         write_overlay(sources[position], scores.maps[row], Path(out) / written[position], normal)
     return written
