@@ -6,6 +6,7 @@ that it cannot come back.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tarfile
@@ -19,6 +20,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from gaussian_ad.cli import app
@@ -36,6 +39,7 @@ from gaussian_ad.detection.detector import Detector
 from gaussian_ad.registry.mlflow_model import log_detector, register
 from gaussian_ad.scoring import outputs
 from gaussian_ad.scoring.run import RunConflict, claim
+from gaussian_ad.stats.arrayfile import ModelFileError
 
 CATEGORY = "grain"
 
@@ -301,3 +305,82 @@ def test_a_shard_holds_a_bounded_number_of_bytes(models, small_dataset, tmp_path
     assert max(chunks) <= 3 * max(sizes)
     table = pd.read_parquet(tmp_path / "out" / "scores" / "part-00000.parquet")
     assert sorted(table["path"]) == sorted(i.name for i in items)
+
+
+# --------------------------------------------------------------------------- model files
+@pytest.fixture
+def saved(models, tmp_path) -> Path:
+    target = tmp_path / "m.safetensors"
+    shutil.copy(models[0], target)
+    return target
+
+
+def rewrite_metadata(path: Path, change) -> None:
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = dict(f.metadata())
+    header = json.loads(metadata["gaussian_ad"])
+    change(header)
+    metadata["gaussian_ad"] = json.dumps(header)
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(b""), "not a readable gaussian-ad model file"),
+        (lambda p: p.write_bytes(p.read_bytes()[:200]), "not a readable gaussian-ad model file"),
+        (lambda p: p.write_text("hello"), "not a readable gaussian-ad model file"),
+        (lambda p: p.unlink(), "file not found"),
+        (
+            lambda p: save_file({"x": np.zeros(1)}, str(p), metadata={"gaussian_ad": "{bad"}),
+            "not valid JSON",
+        ),
+        (lambda p: rewrite_metadata(p, lambda h: h.pop("format_version")), "format_version"),
+        (lambda p: rewrite_metadata(p, lambda h: h.update(n_levels=3)), "lacks 'level1.raw.n'"),
+        (
+            lambda p: rewrite_metadata(p, lambda h: h["metadata"].update(patch_file="x.p")),
+            "its patch-level model x.p is missing",
+        ),
+        (
+            lambda p: rewrite_metadata(
+                p, lambda h: h["metadata"]["detector_config"].update(backbone="vgg")
+            ),
+            "backbone: unknown",
+        ),
+    ],
+)
+def test_a_broken_model_file_is_refused_with_its_name(saved, damage, message):
+    damage(saved)
+    with pytest.raises(ModelFileError, match=message) as error:
+        Detector.load(saved)
+    assert str(saved) in str(error.value)
+
+
+def test_non_finite_statistics_are_refused(saved):
+    arrays = load_file(str(saved))
+    with safe_open(str(saved), framework="numpy") as f:
+        metadata = f.metadata()
+    arrays["level0.raw.sum_y"] = arrays["level0.raw.sum_y"] * np.nan
+    save_file(arrays, str(saved), metadata=metadata)
+    with pytest.raises(ModelFileError, match="level0.raw.sum_y holds non-finite"):
+        Detector.load(saved)
+
+
+def test_a_patch_file_outside_the_model_folder_is_never_read(saved, tmp_path):
+    outside = tmp_path.parent / "patch.safetensors"
+    outside.write_bytes(b"never read")
+    rewrite_metadata(
+        saved,
+        lambda h: h["metadata"].update(patch_file="../patch.safetensors", patch_layout={}),
+    )
+    with pytest.raises(ModelFileError, match="its patch-level model patch.safetensors is missing"):
+        Detector.load(saved)
+
+
+def test_other_weights_than_the_fitted_ones_are_refused(saved, small_dataset):
+    rewrite_metadata(
+        saved, lambda h: h["metadata"]["detector_config"].update(backbone="lite1")
+    )  # lite0 statistics, metadata saying lite1 (same dimensions)
+    detector = Detector.load(saved)
+    with pytest.raises(ValueError, match="fitted with weights .* pass the weights file"):
+        detector.score([mvtec_manifest(small_dataset, CATEGORY, splits=("test",))[0].path])

@@ -8,6 +8,7 @@ Nothing is downloaded unless ``allow_download=True``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import logging
 import os
@@ -58,6 +59,8 @@ class Backbone(nn.Module):
         with torch.inference_mode():
             probe = torch.zeros(1, 3, 64, 64, device=self.device)
             self.level_dims = tuple(m.shape[1] for m in self.forward_maps(probe))
+
+    weights_fingerprint: str | None = None  # set by load_backbone; None for random weights
 
     def train(self, mode: bool = True) -> Backbone:
         """Stay in eval mode: the backbone is frozen (BatchNorm uses its running statistics)."""
@@ -118,10 +121,23 @@ def load_backbone(
         _load_default_weights(model, spec, allow_download)
     else:
         logger.warning("%s: random weights (pretrained=False)", name)
+    fingerprint = weights_fingerprint(model) if (weights is not None or pretrained) else None
     target = torch.device(device) if device is not None else default_device()
     memory_format = torch.channels_last if target.type == "cuda" else torch.contiguous_format
     model.to(target, memory_format=memory_format)
-    return Backbone(model, spec, levels)
+    backbone = Backbone(model, spec, levels)
+    backbone.weights_fingerprint = fingerprint
+    return backbone
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short SHA-256 of a model's weights (names, shapes and values), to tell weights apart."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(values.shape)}:{values.dtype}".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_weights_file(model: nn.Module, path: str | Path) -> None:

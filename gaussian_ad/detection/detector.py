@@ -14,6 +14,7 @@ CLI, the Prefect tasks, the evaluation and the selection all go through them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from gaussian_ad.data.images import ImageError, ImageSource
 from gaussian_ad.detection.scores import Scores, concat_scores
 from gaussian_ad.features.extract import iter_batches, pick_levels
 from gaussian_ad.features.layout import PatchLayout
+from gaussian_ad.stats.arrayfile import ModelFileError, model_file_errors
 from gaussian_ad.stats.calibration import Calibration
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.moments import BatchMoments
@@ -80,14 +82,24 @@ class Detector:
         return default_patch_levels(BACKBONES[self.config.backbone])
 
     def backbone_module(self) -> Backbone:
-        """The frozen backbone (one per process for each configuration)."""
-        return cached_backbone(
+        """The frozen backbone (one per process for each configuration); a fitted detector
+        refuses weights other than those it was fitted with."""
+        backbone = cached_backbone(
             self.config.backbone,
             self.backbone_levels,
             self.loader.weights,
             self.config.pretrained,
             self.loader.device,
         )
+        expected = getattr(self, "weights_fingerprint_", None)
+        actual = backbone.weights_fingerprint
+        if expected is not None and actual is not None and expected != actual:
+            raise ValueError(
+                f"this {self.config.backbone} model was fitted with weights {expected}, but the "
+                f"weights resolved now ({self.loader.weights or 'the default ones'}) are "
+                f"{actual}: pass the weights file it was fitted with"
+            )
+        return backbone
 
     def image_levels_of(self, pooled: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The image-level model's levels out of the backbone's pooled features."""
@@ -106,7 +118,9 @@ class Detector:
         patch_model = None
         if passed.patch_sums is not None:
             patch_model = PatchGaussian().fit_moments(passed.patch_sums)
-        return self.set_models(model, patch_model, layout, passed.errors)
+        self.set_models(model, patch_model, layout, passed.errors)
+        self.weights_fingerprint_ = backbone.weights_fingerprint
+        return self
 
     def set_models(
         self,
@@ -133,6 +147,7 @@ class Detector:
         self.patch_layout_ = layout
         self.calibration_: Calibration | None = None
         self.errors_ = list(errors)
+        self.weights_fingerprint_: str | None = getattr(self, "weights_fingerprint_", None)
         return self
 
     def fit_store(self, store: FeatureStore, rows: np.ndarray | None = None) -> Self:
@@ -164,7 +179,9 @@ class Detector:
             base=base,
         )
         logger.info("fitted on %d rows of %s", model.n_samples_, store.url)
-        return self.set_models(model, patch_model, layout, store.errors())
+        self.set_models(model, patch_model, layout, store.errors())
+        self.weights_fingerprint_ = store.config.get("weights_fingerprint")
+        return self
 
     def calibrate(
         self, heldout: Sequence[ImageSource], target_fpr: float = 0.01, progress: bool = False
@@ -283,6 +300,7 @@ class Detector:
         metadata: dict[str, Any] = {
             "detector_config": self.config.to_dict(),
             "weights": self.loader.weights,
+            "weights_fingerprint": self.weights_fingerprint_,
             "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
         }
         if self.patch_model_ is not None and self.patch_layout_ is not None:
@@ -293,34 +311,34 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | Path, loader: LoaderOptions | None = None) -> Detector:
-        """Load a saved detector; ``loader`` says how it runs (default: the saved weights)."""
+        """Load a saved detector; ``loader`` says how it runs (default: the saved weights).
+
+        Every problem with the files raises a ModelFileError that names the file: damaged
+        or foreign files, a bad configuration, a patch file that is missing (it must lie
+        next to ``path``; other folders are never read).
+        """
         path = Path(path)
         model = GaussianAD.load(path)
         metadata = model.metadata_
-        if "detector_config" not in metadata:
-            raise ValueError(f"{path}: a GaussianAD file without a detector configuration")
-        try:
+        with model_file_errors(path, "detector"):
             config = DetectorConfig.from_dict(metadata["detector_config"])
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: invalid detector configuration: {error}") from None
-        loader = loader or LoaderOptions()
-        if loader.weights is None and metadata.get("weights"):
-            loader = LoaderOptions(
-                loader.device, loader.batch_size, loader.workers, metadata["weights"]
-            )
-        detector = cls(config, loader)
-        patch_model, layout = None, None
-        if metadata.get("patch_file") is not None:
-            patch_file = path.parent / Path(metadata["patch_file"]).name
-            if not patch_file.is_file():
-                raise FileNotFoundError(
-                    f"{path}: its patch-level model {patch_file.name} is missing"
-                )
-            patch_model = PatchGaussian.load(patch_file)
-            layout = PatchLayout.from_dict(metadata["patch_layout"])
-        detector.set_models(model, patch_model, layout)
-        if metadata.get("calibration") is not None:
-            detector.calibration_ = Calibration.from_dict(metadata["calibration"])
+            loader = loader or LoaderOptions()
+            if loader.weights is None and metadata.get("weights"):
+                loader = dataclasses.replace(loader, weights=metadata["weights"])
+            detector = cls(config, loader)
+            patch_model, layout = None, None
+            if metadata.get("patch_file") is not None:
+                patch_file = path.parent / Path(metadata["patch_file"]).name
+                if not patch_file.is_file():
+                    raise ModelFileError(
+                        f"{path}: its patch-level model {patch_file.name} is missing"
+                    )
+                patch_model = PatchGaussian.load(patch_file)
+                layout = PatchLayout.from_dict(metadata["patch_layout"])
+            detector.set_models(model, patch_model, layout)
+            detector.weights_fingerprint_ = metadata.get("weights_fingerprint")
+            if metadata.get("calibration") is not None:
+                detector.calibration_ = Calibration.from_dict(metadata["calibration"])
         return detector
 
 

@@ -268,12 +268,12 @@ def evaluate_store(
 
 def store_auroc(detector: Detector, store: FeatureStore, rows: np.ndarray) -> float:
     """Test AUROC of a calibrated detector's chosen score on a store's rows: from the stored
-    features when they are the detector's own (same backbone, levels and patch layout),
-    else by scoring the rows' image files."""
+    features when they are the detector's own (same backbone and weights, levels and patch
+    layout), else by scoring the rows' image files."""
     config = detector.config
     own = (
         store.config.get("backbone") == config.backbone
-        and store.config.get("weights") == detector.loader.weights
+        and store.config.get("weights_fingerprint") == detector.weights_fingerprint_
         and store.config.get("pretrained", True) == config.pretrained
         and set(config.image_levels) <= set(store.levels)
         and (

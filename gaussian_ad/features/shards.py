@@ -166,6 +166,10 @@ def create_plan_store(
         levels=config.image_levels,
         shard_size=shard_size,
         augment_passes=passes,
-        config={"weights": loader.weights, "pretrained": config.pretrained},
+        config={
+            "weights": loader.weights,
+            "pretrained": config.pretrained,
+            "weights_fingerprint": backbone.weights_fingerprint,
+        },
         patch_layout=layout,
     )

@@ -29,7 +29,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from gaussian_ad.stats.arrayfile import read_arrays, write_arrays
+from gaussian_ad.stats.arrayfile import model_file_errors, read_arrays, write_arrays
 from gaussian_ad.stats.moments import BatchMoments, Moments, ledoit_wolf
 from gaussian_ad.stats.thresholds import chi2_thresholds
 
@@ -382,21 +382,25 @@ class GaussianAD(BaseEstimator):
         Files of format 1 may carry a ``threshold``; it is ignored (thresholds belong to
         the detector's calibration).
         """
-        header, arrays = read_arrays(path, "gaussian_ad", FORMAT_VERSION, "gaussian-ad model")
-        model = cls(reduction=header["reduction"], variance_threshold=header["variance_threshold"])
-        n_levels = header["n_levels"]
-        raw = [Moments.from_arrays(arrays, f"level{i}.raw.") for i in range(n_levels)]
-        if model.reduction is None:
-            model.fit_moments(raw)
-        else:
-            model.raw_moments_ = raw
-            model.n_features_in_ = [m.dim for m in raw]
-            model.components_ = [arrays[f"level{i}.components"] for i in range(n_levels)]
-            model.pca_means_ = [arrays[f"level{i}.pca_mean"] for i in range(n_levels)]
-            model.fit_moments(
-                [Moments.from_arrays(arrays, f"level{i}.fit.") for i in range(n_levels)]
+        what = "gaussian-ad model"
+        header, arrays = read_arrays(path, "gaussian_ad", FORMAT_VERSION, what)
+        with model_file_errors(path, what):
+            model = cls(
+                reduction=header["reduction"], variance_threshold=header["variance_threshold"]
             )
-        model.metadata_ = header["metadata"]
+            n_levels = header["n_levels"]
+            raw = [Moments.from_arrays(arrays, f"level{i}.raw.") for i in range(n_levels)]
+            if model.reduction is None:
+                model.fit_moments(raw)
+            else:
+                model.raw_moments_ = raw
+                model.n_features_in_ = [m.dim for m in raw]
+                model.components_ = [arrays[f"level{i}.components"] for i in range(n_levels)]
+                model.pca_means_ = [arrays[f"level{i}.pca_mean"] for i in range(n_levels)]
+                model.fit_moments(
+                    [Moments.from_arrays(arrays, f"level{i}.fit.") for i in range(n_levels)]
+                )
+            model.metadata_ = dict(header["metadata"])
         return model
 
 

@@ -31,7 +31,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from gaussian_ad.stats.arrayfile import read_arrays, write_arrays
+from gaussian_ad.stats.arrayfile import model_file_errors, read_arrays, write_arrays
 from gaussian_ad.stats.gaussian import NOT_FITTED, VARIANCE_RTOL, zero_variance
 from gaussian_ad.stats.moments import BatchMoments
 
@@ -264,8 +264,10 @@ class PatchGaussian(BaseEstimator):
 
         Format 1 files also carry a patch layout; it is ignored (the detector owns it).
         """
-        header, arrays = read_arrays(path, "gaussian_ad_patch", FORMAT_VERSION, "patch-level model")
-        model = cls(sigma=header["sigma"])
-        model.fit_moments(BatchMoments.from_arrays(arrays, "moments."))
-        model.metadata_ = header["metadata"]
+        what = "patch-level model"
+        header, arrays = read_arrays(path, "gaussian_ad_patch", FORMAT_VERSION, what)
+        with model_file_errors(path, what):
+            model = cls(sigma=header["sigma"])
+            model.fit_moments(BatchMoments.from_arrays(arrays, "moments."))
+            model.metadata_ = dict(header["metadata"])
         return model
