@@ -5,19 +5,29 @@
 - ``MLFLOW_TRACKING_URI``: default ``sqlite:///$GAUSSIAN_AD_HOME/mlflow.db`` with
   artifacts in ``$GAUSSIAN_AD_HOME/mlartifacts``.
 - ``GAUSSIAN_AD_DASK_ADDRESS``: a Dask scheduler; default a local cluster per flow.
-- ``PREFECT_API_URL``: a Prefect server; default Prefect's ephemeral API.
+- ``PREFECT_API_URL``: a Prefect server; default a temporary one for the process
+  (:func:`prefect_api`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import dask
 from prefect.context import FlowRunContext
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
 
@@ -66,6 +76,58 @@ def dask_runner(address: str | None = None) -> DaskTaskRunner:
             "silence_logs": logging.WARNING,
         }
     )
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str]:
+    """Prefect's API for this process: ``PREFECT_API_URL`` when set, else a temporary server
+    on 127.0.0.1 that lives exactly as long as this process.
+
+    Prefect's own ephemeral server outlives a parent killed with SIGKILL; this one is
+    started with ``PR_SET_PDEATHSIG``, so the kernel stops it when its parent dies.
+    """
+    if url := PREFECT_API_URL.value():  # set in the environment, a profile or a test harness
+        yield url
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error"]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"}
+    process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_healthy(url, process)
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask the kernel for SIGTERM when the parent dies (Linux)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _wait_healthy(url: str, process: subprocess.Popen) -> None:
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the temporary Prefect server exited ({process.returncode})")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
 
 
 @contextlib.contextmanager

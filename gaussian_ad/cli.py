@@ -456,9 +456,11 @@ def train(
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise typer.BadParameter(problems) from None
+    from gaussian_ad_flows.runtime import prefect_api
     from gaussian_ad_flows.train import train_all
 
-    train_all(str(data_root), category or None, dask_address, options)
+    with prefect_api():
+        train_all(str(data_root), category or None, dask_address, options)
 
 
 @app.command("score-archive")
@@ -485,20 +487,21 @@ def score_archive(
     if (model is None) == (category is None):
         raise typer.BadParameter("give --model or --category (one of them)")
     _, loader = _configs(device=device, batch_size=batch_size, workers=workers)
+    from gaussian_ad.scoring.run import RunConflict
+    from gaussian_ad_flows.runtime import prefect_api
     from gaussian_ad_flows.score import score as score_flow
 
-    from gaussian_ad.scoring.run import RunConflict
-
     try:
-        score_flow(
-            source,
-            model=model,
-            category=category,
-            out=str(out),
-            shard_size=shard_size,
-            loader=loader,
-            maps=maps,
-        )
+        with prefect_api():
+            score_flow(
+                source,
+                model=model,
+                category=category,
+                out=str(out),
+                shard_size=shard_size,
+                loader=loader,
+                maps=maps,
+            )
     except RunConflict as conflict:
         typer.secho(f"refused: {conflict}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -535,8 +538,10 @@ def demo(out_dir: Annotated[Path, typer.Argument(help="where the demo writes")] 
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from gaussian_ad_flows.demo import run_demo
+    from gaussian_ad_flows.runtime import prefect_api
 
-    run_demo(out_dir)
+    with prefect_api():
+        run_demo(out_dir)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -384,3 +388,27 @@ def test_other_weights_than_the_fitted_ones_are_refused(saved, small_dataset):
     detector = Detector.load(saved)
     with pytest.raises(ValueError, match="fitted with weights .* pass the weights file"):
         detector.score([mvtec_manifest(small_dataset, CATEGORY, splits=("test",))[0].path])
+
+
+# --------------------------------------------------------------------------- processes
+@pytest.mark.integration
+def test_the_temporary_prefect_server_dies_with_a_killed_cli(models, source, tmp_path):
+    env = {**os.environ, "DO_NOT_TRACK": "true", "GAUSSIAN_AD_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    command = [str(Path(sys.executable).parent / "gaussian-ad"), "score-archive", source]
+    command += ["--model", models[0], "--out", str(tmp_path / "out")]
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server = None
+        deadline = time.monotonic() + 120
+        while server is None and time.monotonic() < deadline and cli.poll() is None:
+            children = psutil.Process(cli.pid).children(recursive=True)
+            server = next((c for c in children if "uvicorn" in " ".join(c.cmdline())), None)
+            time.sleep(0.2)
+        assert server is not None, "the CLI never started its Prefect server"
+        cli.kill()
+        cli.wait()
+        assert psutil.wait_procs([server], timeout=20)[1] == [], "the server outlived the CLI"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
