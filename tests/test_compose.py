@@ -9,7 +9,9 @@ Docker Compose v2 CLI is installed, the file is also validated by `docker compos
 from __future__ import annotations
 
 import ast
+import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -40,7 +42,7 @@ LONG_RUNNING = {
     "dask-scheduler",
     "dask-worker",
 }
-ONE_SHOT = {"minio-init"}
+ONE_SHOT = {"minio-init", "credentials-check"}
 
 # What each service's healthcheck must probe.
 HEALTH_PROBES = {
@@ -214,6 +216,40 @@ def test_long_running_service_has_a_real_healthcheck(services, name):
 def test_one_shot_init_does_not_restart(services):
     for name in ONE_SHOT:
         assert str(services[name].get("restart", "no")) == "no", name
+
+
+def test_placeholder_credentials_stop_the_stack_before_it_starts(services):
+    guard = services["credentials-check"]
+    for name in ("postgres", "minio"):
+        condition = services[name]["depends_on"]["credentials-check"]["condition"]
+        assert condition == "service_completed_successfully", name
+    assert set(CREDENTIALS) <= set(guard["environment"])
+    # Compose turns "$$" into "$"; run the script as the container's sh would.
+    script = argv(guard["command"])[0].replace("$$", "$")
+    example = env_example()
+    refused = subprocess.run(
+        ["sh", "-c", script], env={"PATH": os.environ["PATH"], **example}, capture_output=True
+    )
+    assert refused.returncode == 1
+    for name in CREDENTIALS:
+        assert name in refused.stderr.decode(), name
+    real = {name: secrets.token_urlsafe(16) for name in CREDENTIALS}
+    one_left = {**real, "MINIO_ROOT_PASSWORD": example["MINIO_ROOT_PASSWORD"]}
+    assert subprocess.run(["sh", "-c", script], env={**os.environ, **real}).returncode == 0
+    partly = subprocess.run(
+        ["sh", "-c", script], env={**os.environ, **one_left}, capture_output=True
+    )
+    assert partly.returncode == 1 and b"MINIO_ROOT_PASSWORD" in partly.stderr
+
+
+CREDENTIALS = (
+    "POSTGRES_PASSWORD",
+    "MLFLOW_DB_PASSWORD",
+    "PREFECT_DB_PASSWORD",
+    "MINIO_ROOT_PASSWORD",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+)
 
 
 def test_dask_worker_is_a_single_thread_gpu_worker(services):
