@@ -21,6 +21,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import psutil
+import pyarrow
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -412,3 +414,37 @@ def test_the_temporary_prefect_server_dies_with_a_killed_cli(models, source, tmp
     finally:
         if cli.poll() is None:
             cli.kill()
+
+
+@pytest.mark.integration
+def test_kill_9_at_any_point_loses_and_duplicates_no_row(models, source, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "DO_NOT_TRACK": "true", "GAUSSIAN_AD_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    command = [str(Path(sys.executable).parent / "gaussian-ad"), "score-archive", source]
+    command += ["--model", models[0], "--out", str(out), "--shard-size", "2"]
+
+    def parts() -> int:
+        return len(list((out / "scores").glob("part-*.parquet")))
+
+    kill_points = {
+        "mid-manifest": lambda: (out / "manifest.parquet").exists(),
+        "mid-shard": lambda: parts() >= 1,
+        "later, mid-write or mid-shard": lambda: parts() >= 4,
+    }
+    for point, reached in kill_points.items():
+        cli = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 180
+        while not reached() and cli.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cli.kill()
+        cli.wait()
+        assert cli.returncode == -9, f"{point}: the run ended before it could be killed"
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    files = sorted((out / "scores").glob("part-*.parquet"))
+    table = pyarrow.concat_tables(pq.read_table(f) for f in files).to_pandas()
+    assert len(table) == n_images(source) and table["path"].is_unique
+    assert len(files) == -(-n_images(source) // 2)

@@ -412,14 +412,36 @@ def test_corrupt_archive_raises_value_error_naming_it(tmp_path: Path, name: str)
         list_source(tmp_path / name)
 
 
-@pytest.mark.parametrize("suffix", [".tar", ".tar.gz", ".zip"])
-def test_truncated_archive_raises_value_error(tmp_path: Path, suffix: str) -> None:
+def test_truncated_zip_raises_value_error(tmp_path: Path) -> None:
     members = {f"{n}.png": png_bytes(n, size=64) for n in range(3)}
-    path = tmp_path / f"cut{suffix}"
-    write_zip(path, members) if suffix == ".zip" else write_tar(path, members)
+    path = write_zip(tmp_path / "cut.zip", members)
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
 
-    with pytest.raises(ValueError, match=f"cut{suffix}"):
+    with pytest.raises(ValueError, match="cannot read archive .*cut.zip"):
+        list_source(path)
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_truncated_tar_lists_the_members_before_the_damage(tmp_path: Path, suffix: str) -> None:
+    members = {f"{n}.png": png_bytes(n, size=64) for n in range(3)}
+    path = write_tar(tmp_path / f"cut{suffix}", members)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+
+    items, errors = list_source(path)
+
+    assert 0 < len(items) < len(members)
+    assert [item.member for item in items] == list(members)[: len(items)]
+    (error,) = errors  # one error row for the archive, naming the last sound member
+    assert error.path == str(path)
+    assert error.reason.startswith(f"archive truncated or damaged after member {items[-1].member}")
+    assert read_all(items) == [members[item.member] for item in items]
+
+
+def test_tar_cut_before_its_first_member_raises_value_error(tmp_path: Path) -> None:
+    path = write_tar(tmp_path / "cut.tar.gz", {"0.png": png_bytes(0, size=64)})
+    path.write_bytes(path.read_bytes()[:40])
+
+    with pytest.raises(ValueError, match="cannot read archive .*cut.tar.gz"):
         list_source(path)
 
 
@@ -442,14 +464,36 @@ def test_other_invalid_sources_raise_value_error(tmp_path: Path) -> None:
         list_source(f"zip://*.png::file://{tmp_path}/a.zip")
 
 
-def test_items_over_the_read_limit_are_not_read(tmp_path: Path, images, monkeypatch) -> None:
+def test_items_over_the_read_limit_are_not_read(
+    tmp_path: Path, images, memory_root, monkeypatch
+) -> None:
+    big = b"\0" * (3 << 20)
     (tmp_path / "a.png").write_bytes(images["a"])
-    items = (
-        list_source(tmp_path)[0]
-        + list_source(write_zip(tmp_path / "a.zip", as_members(images)))[0][:1]
-    )
-    monkeypatch.setattr(sources, "MAX_ITEM_BYTES", 10)
+    (tmp_path / "big.png").write_bytes(big)
+    archive = write_zip(tmp_path / "a.zip", {"a.png": images["a"], "big.png": big})
+    fsspec.filesystem("memory").pipe_file(f"{memory_root}/big.png", big)
+    items = [
+        *list_source(tmp_path)[0],
+        *list_source(archive)[0],
+        *list_source(f"{memory_root}/big.png")[0],
+    ]
+    assert [item.name.rsplit("/", 1)[-1] for item in items] == [
+        "a.png",
+        "big.png",
+        "a.zip!a.png",
+        "a.zip!big.png",
+        "big.png",
+    ]
+    monkeypatch.setattr(sources, "MAX_ITEM_BYTES", 2 << 20)
 
     results = read_all(items)
 
-    assert [r.reason for r in results] == ["larger than the read limit of 10 bytes"] * 2
+    # Files and archive members are refused by their size, a URL of unknown size while read.
+    by_size = "too large to read: 3 MiB (the read limit is 2 MiB)"
+    unknown_size = "too large to read: more than the limit (the read limit is 2 MiB)"
+    assert results[0] == images["a"] and results[2] == images["a"]
+    assert [r.reason for r in (results[1], results[3], results[4])] == [
+        by_size,
+        by_size,
+        unknown_size,
+    ]

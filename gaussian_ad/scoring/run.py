@@ -121,8 +121,9 @@ def open_run(
             raise RunConflict(f"{out}: {MANIFEST} no longer matches {RUN_FILE}; start afresh")
         logger.info("continuing the scoring run in %s (%s)", out, run.model.uri)
         return run, items, errors
-    if (out / MANIFEST).exists() or (out / "scores").exists():
-        raise RunConflict(f"{out}: holds scoring outputs without a {RUN_FILE}; choose another out")
+    if any((out / "scores").glob("part-*.parquet")):
+        raise RunConflict(f"{out}: holds scores without a {RUN_FILE}; choose another out")
+    # A listing without run.json is a run killed while planning: nothing was scored, plan anew.
     pinned = resolve(model)
     if maps and not pinned.has_patch:
         raise ValueError(
