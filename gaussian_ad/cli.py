@@ -487,9 +487,10 @@ def score_archive(
     if (model is None) == (category is None):
         raise typer.BadParameter("give --model or --category (one of them)")
     _, loader = _configs(device=device, batch_size=batch_size, workers=workers)
-    from gaussian_ad.scoring.run import RunConflict
     from gaussian_ad_flows.runtime import prefect_api
     from gaussian_ad_flows.score import score as score_flow
+
+    from gaussian_ad.scoring.run import RunConflict
 
     try:
         with prefect_api():

@@ -448,3 +448,15 @@ def test_kill_9_at_any_point_loses_and_duplicates_no_row(models, source, tmp_pat
     table = pyarrow.concat_tables(pq.read_table(f) for f in files).to_pandas()
     assert len(table) == n_images(source) and table["path"].is_unique
     assert len(files) == -(-n_images(source) // 2)
+
+
+def test_a_shard_where_nothing_decodes_writes_an_empty_part(models, tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"{i}.png").write_bytes(b"not a png")
+    items, _ = list_source(str(junk))
+    info = outputs.score_shard(Detector.load(models[0]), items, 0, tmp_path / "out", ("m", "1"))
+    assert (info["rows"], info["errors"]) == (0, 3)
+    table = pd.read_parquet(tmp_path / "out" / "scores" / "part-00000.parquet")
+    assert len(table) == 0 and {"path", "score", "is_anomaly"} <= set(table.columns)

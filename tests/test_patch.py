@@ -15,6 +15,7 @@ from gaussian_ad.detection.detector import Detector, training_pass
 from gaussian_ad.evaluation.evaluate import split_records
 from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.features.patches import patch_features
+from gaussian_ad.stats.arrayfile import ModelFileError
 from gaussian_ad.stats.fusion import Standardizer, fuse
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.metrics import auroc, pixel_auroc, pro_auc
@@ -252,7 +253,7 @@ def test_detector_with_patch_model_round_trips_scores_maps_and_threshold(small_d
     np.testing.assert_allclose(again.scores, result.scores, rtol=1e-12)  # refitted from the sums
     np.testing.assert_allclose(again.maps, result.maps, rtol=1e-6)
     patch_path(saved).unlink()
-    with pytest.raises(FileNotFoundError, match="patch-level model"):
+    with pytest.raises(ModelFileError, match="its patch-level model .* is missing"):
         Detector.load(saved)
 
 

@@ -243,7 +243,16 @@ class Detector:
             errors.extend(batch.errors)
             levels = self.image_levels_of(batch.pooled)
             parts.append(self.score_features(levels, batch.patches, maps, batch.index))
-        return concat_scores(parts, errors, len(self.config.image_levels))
+        return concat_scores(parts or [self.empty_scores(maps)], errors)
+
+    def empty_scores(self, maps: bool = False) -> Scores:
+        """The scores of no image, with every field a scored image would have."""
+        levels = [np.empty((0, d), np.float32) for d in self.model_.n_features_in_]
+        patches = None
+        if self.patch_layout_ is not None:
+            layout = self.patch_layout_
+            patches = np.empty((0, layout.n_positions, len(layout.channel_index)), np.float32)
+        return self.score_features(levels, patches, maps)
 
     def score_features(
         self,

@@ -51,11 +51,10 @@ class Scores:
         )
 
 
-def concat_scores(parts: Sequence[Scores], errors: list[ImageError], n_levels: int) -> Scores:
-    """Batches' scores as one (``n_levels`` shapes the empty result)."""
-    parts = [p for p in parts if len(p)]
+def concat_scores(parts: Sequence[Scores], errors: list[ImageError]) -> Scores:
+    """Batches' scores as one (at least one part; empty parts are fine)."""
     if not parts:
-        return Scores(np.empty(0, np.int64), np.zeros((0, n_levels)), errors=errors)
+        raise ValueError("no scores to concatenate")
 
     def joined(name: str) -> np.ndarray | None:
         values = [getattr(p, name) for p in parts]

@@ -247,7 +247,7 @@ def score_store_rows(
         levels = [store.read_rows(level, chunk) for level in detector.config.image_levels]
         patches = store.read_patches(chunk) if with_patches else None
         parts.append(detector.score_features(levels, patches, maps, index=chunk))
-    return concat_scores(parts, [], len(detector.config.image_levels))
+    return concat_scores(parts or [detector.empty_scores(maps)], [])
 
 
 def evaluate_store(

@@ -76,11 +76,6 @@ def _chunks_in_memory(
         yield names, contents, errors
 
 
-def _empty_rows(detector: Detector) -> pd.DataFrame:
-    """The score rows of a shard where nothing decoded (same columns, no rows)."""
-    return score_rows(detector, [], [])[0]
-
-
 def part_path(out: str | Path, kind: str, shard: int) -> Path:
     """Where a shard's scores or errors go: ``<out>/<kind>/part-<shard>.parquet``."""
     return Path(out) / kind / f"part-{shard:05d}.parquet"
@@ -113,7 +108,7 @@ def score_shard(
         tables.append(table)
         errors += read_errors + score_errors
         n_maps += written
-    table = pd.concat(tables, ignore_index=True) if tables else _empty_rows(detector)
+    table = pd.concat(tables or [score_rows(detector, [], [])[0]], ignore_index=True)
     table["model_name"], table["model_version"] = model
     table["shard"] = np.int32(shard)
     errors_table = error_table(errors)
