@@ -489,8 +489,9 @@ def test_items_over_the_read_limit_are_not_read(
     results = read_all(items)
 
     # Files and archive members are refused by their size, a URL of unknown size while read.
-    by_size = "too large to read: 3 MiB (the read limit is 2 MiB)"
-    unknown_size = "too large to read: more than the limit (the read limit is 2 MiB)"
+    limit = "the read limit is 2.0 MiB (2097152 bytes)"
+    by_size = f"too large to read: 3.0 MiB (3145728 bytes) ({limit})"
+    unknown_size = f"too large to read: more than the limit ({limit})"
     assert results[0] == images["a"] and results[2] == images["a"]
     assert [r.reason for r in (results[1], results[3], results[4])] == [
         by_size,
