@@ -308,8 +308,8 @@ def _tar_entries(file: BinaryIO) -> tuple[list[tuple[str, str | None]], str | No
     """The members up to any damage, and what the damage is (None for a sound archive).
 
     In a compressed tar a member is only listed once its data decompressed to its end (the
-    listing decompresses the archive once anyway), so a member cut off by the damage is
-    never listed; in a plain tar a cut member is listed and fails when read."""
+    listing decompresses the archive once anyway), and in a plain tar once the header after
+    it was read, so a member cut off by the damage is never listed."""
     entries: list[tuple[str, str | None]] = []
     previous = None
     try:
@@ -351,8 +351,12 @@ def _read_limited(file: BinaryIO, size: int | None = None) -> bytes:
 
 
 def _too_large(size: int | None) -> str:
-    what = "more than the limit" if size is None else f"{size / 2**20:.0f} MiB"
-    return f"too large to read: {what} (the read limit is {MAX_ITEM_BYTES / 2**20:.0f} MiB)"
+    what = "more than the limit" if size is None else _size(size)
+    return f"too large to read: {what} (the read limit is {_size(MAX_ITEM_BYTES)})"
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 1 << 20 else f"{n / 2**20:.1f} MiB ({n} bytes)"
 
 
 def _read_file(location: str) -> bytes:

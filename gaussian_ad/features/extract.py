@@ -271,13 +271,8 @@ def extract(
     backbone: Backbone,
     sources: Sequence[ImageSource],
     options: LoaderOptions = DEFAULT_LOADER,
-    *,
     layout: PatchLayout | None = None,
-    transform: Transform | Sequence[Transform | None] | None = None,
-    names: Sequence[str] | None = None,
 ) -> Features:
-    """One pass over ``sources``, collected (see :func:`iter_batches`)."""
-    batches = iter_batches(
-        backbone, sources, options, layout=layout, transform=transform, names=names
-    )
-    return collect(batches, backbone, layout)
+    """One pass over ``sources``, collected: ``collect(iter_batches(...))`` for the common
+    case (no per-source transforms or names)."""
+    return collect(iter_batches(backbone, sources, options, layout=layout), backbone, layout)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from gaussian_ad.backbones.models import load_backbone
 from gaussian_ad.config import LoaderOptions
-from gaussian_ad.features.extract import extract, iter_batches
+from gaussian_ad.features.extract import collect, extract, iter_batches
 
 N_IMAGES = 5
 
@@ -114,6 +114,6 @@ def test_transform_runs_before_resize(backbone, arrays):
     def flip(image: Image.Image) -> Image.Image:
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
-    features = extract(backbone, arrays[:2], transform=flip)
+    features = collect(iter_batches(backbone, arrays[:2], transform=flip), backbone)
     flipped = [np.ascontiguousarray(a[:, ::-1]) for a in arrays[:2]]
     assert_features_equal(features.pooled, manual_features(backbone, flipped))

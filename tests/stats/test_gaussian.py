@@ -12,7 +12,6 @@ from sklearn.base import clone
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
-from sklearn.utils import estimator_checks
 
 from gaussian_ad.stats.arrayfile import read_arrays, write_arrays
 from gaussian_ad.stats.gaussian import GaussianAD, select_components, zero_variance
@@ -193,23 +192,6 @@ def test_bad_input_is_named():
         GaussianAD(reduction="svd").fit([rng.normal(size=(30, 4))])
     with pytest.raises(ValueError, match="different image counts"):
         GaussianAD().fit([rng.normal(size=(30, 4)), rng.normal(size=(31, 4))])
-
-
-# --------------------------------------------------------------- scikit-learn's contract
-SKLEARN_CHECKS = [
-    "check_no_attributes_set_in_init",
-    "check_parameters_default_constructible",
-    "check_get_params_invariance",
-    "check_set_params",
-    "check_estimator_cloneable",
-    "check_estimator_repr",
-    "check_do_not_raise_errors_in_init_or_set_params",
-]
-
-
-@pytest.mark.parametrize("check", SKLEARN_CHECKS)
-def test_sklearn_parameter_checks(check):
-    getattr(estimator_checks, check)("GaussianAD", GaussianAD())
 
 
 def test_init_stores_keyword_parameters_only():

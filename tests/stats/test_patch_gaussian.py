@@ -12,7 +12,6 @@ from scipy.ndimage import gaussian_filter
 from sklearn.base import clone
 from sklearn.covariance import LedoitWolf
 from sklearn.exceptions import NotFittedError
-from sklearn.utils import estimator_checks
 
 from gaussian_ad.stats.arrayfile import read_arrays, write_arrays
 from gaussian_ad.stats.moments import BatchMoments
@@ -25,23 +24,6 @@ def patches(rng: np.random.Generator, n: int, p: int, d: int, offset: float = 0.
     return np.einsum("npi,pij->npj", rng.normal(size=(n, p, d)), mixing) + (
         offset + rng.normal(size=(p, d))
     )
-
-
-# --------------------------------------------------------------- scikit-learn's contract
-SKLEARN_CHECKS = [
-    "check_no_attributes_set_in_init",
-    "check_parameters_default_constructible",
-    "check_get_params_invariance",
-    "check_set_params",
-    "check_estimator_cloneable",
-    "check_estimator_repr",
-    "check_do_not_raise_errors_in_init_or_set_params",
-]
-
-
-@pytest.mark.parametrize("check", SKLEARN_CHECKS)
-def test_sklearn_parameter_checks(check):
-    getattr(estimator_checks, check)("PatchGaussian", PatchGaussian())
 
 
 def test_init_stores_keyword_parameters_only():
