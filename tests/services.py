@@ -266,7 +266,7 @@ def dask_worker(
     address: str,
     name: str,
     env: dict[str, str] | None = None,
-    preload: tuple[str, ...] = ("flows.train", "flows.score"),
+    preload: tuple[str, ...] = ("gaussian_ad_flows.train", "gaussian_ad_flows.score"),
 ) -> subprocess.Popen:
     """A ``dask worker`` (nanny + one single-threaded worker holding ``GPU=1``).
 
