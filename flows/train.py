@@ -37,7 +37,7 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
     """Train, evaluate and register the model of one MVTec-layout category (see TrainOptions)."""
     records, fingerprint = build_manifest(data_root, category)
     config, loader = options.detector, options.loader
-    plan = TrainingPlan.from_manifest(records, config.seed, options.augment_passes)
+    plan = TrainingPlan.from_manifest(records, options.augment_passes)
     models = work_dir(options.home) / "models" / category
     base_path = None
     if options.incremental_from:
@@ -46,9 +46,12 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
         plan = plan.with_new_normals(options.new_images, category)
     selection = None
     if options.select:
-        fit_paths, held_paths = [r.path for r in plan.fit], [r.path for r in plan.held]
         selection = select_task.submit(
-            fit_paths, held_paths, config, loader, options.select_per_kind, options.select_grid
+            [r.path for r in plan.fit],
+            config,
+            loader,
+            options.select_per_kind,
+            options.select_grid,
         ).result()
         config = Selection.from_dict(selection).best.config(config)
         print(f"[{category}] selected {selection['best']} of {len(selection['results'])}")
@@ -60,15 +63,15 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
     shards = [future.result() for future in futures]
     rows = plan.row_index()
     model_path = str(models / f"{uuid.uuid4().hex}.safetensors")
-    fit_statistics.submit(url, rows["fit"], config, model_path, base_path).result()
-    evaluation = evaluate.submit(
-        url, model_path, loader, rows["held"], rows["test"], options.target_fpr
+    heldout = fit_statistics.submit(
+        url, rows["fit"], config, model_path, base_path, options.target_fpr
     ).result()
+    evaluation = evaluate.submit(url, model_path, loader, heldout, rows["test"]).result()
     uri = tracking_uri(options.home)
     params = {
         "category": category,
         "augment_passes": options.augment_passes,
-        "n_heldout": len(plan.held),
+        "n_calibration": len(heldout),
         "n_test": len(plan.test),
         "data_fingerprint": fingerprint,
         "target_fpr": options.target_fpr,

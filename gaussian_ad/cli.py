@@ -36,7 +36,7 @@ PatchOpt = Annotated[
 ScoreOpt = Annotated[str, typer.Option(help="score that ranks images: image, patch or fused")]
 SeedOpt = Annotated[int, typer.Option(help="hold-out split, patch channels and defect seed")]
 TargetFprOpt = Annotated[
-    float, typer.Option(help="threshold at this FPR on the held-out fifth of the normals")
+    float, typer.Option(help="threshold at this FPR on the normals' out-of-fold scores")
 ]
 
 
@@ -180,12 +180,11 @@ def fit(
 ) -> None:
     """Fit on normal images (MVTec train/good of CATEGORY, a folder, or a feature store).
 
-    From images, 4/5 fit the models and the other fifth calibrates the threshold (and the
-    fused score's standardisation). A store fit has no held-out images, so no threshold.
+    Every image fits the models; the threshold (and the fused score's standardisation) is
+    calibrated on their out-of-fold scores (5 folds: each scored without its own fold).
     """
     from gaussian_ad.data.images import folder_manifest, mvtec_manifest
     from gaussian_ad.detection.detector import Detector
-    from gaussian_ad.store.plan import holdout_split
 
     if (data_root is None) == (store is None):
         raise typer.BadParameter("give DATA_ROOT or --store (not both)")
@@ -214,15 +213,13 @@ def fit(
         raise typer.BadParameter(f"target-fpr: must lie in (0, 1), got {target_fpr}")
     detector = Detector(config, loader)
     if store is not None:
-        detector.fit_store(feature_store)
+        detector.fit_store(feature_store, target_fpr=target_fpr)
     else:
         if category:
             paths = [r.path for r in mvtec_manifest(data_root, category, splits=("train",))]
         else:
             paths = [r.path for r in folder_manifest([data_root])]
-        fit_idx, held_idx = holdout_split(len(paths), seed=seed)
-        detector.fit([paths[i] for i in fit_idx], progress=True)
-        detector.calibrate([paths[i] for i in held_idx], target_fpr, progress=True)
+        detector.fit(paths, target_fpr, progress=True)
     _report_errors(detector.errors_)
     detector.save(out)
     model = detector.model_
@@ -300,7 +297,7 @@ def evaluate(
     workers: WorkersOpt = 2,
     json_out: Annotated[Path | None, typer.Option("--json", help="write results as JSON")] = None,
 ) -> None:
-    """Fit on 4/5 of train/good, calibrate on the rest, report test AUROC per category
+    """Fit on train/good (calibrated out of fold), report test AUROC per category
     (summed and per level; with --patch also patch, fused, pixel AUROC and PRO)."""
     from gaussian_ad.data.images import mvtec_categories
     from gaussian_ad.evaluation.evaluate import evaluate_category, summary
@@ -328,11 +325,7 @@ def evaluate(
         _report_errors(result.errors)
         results.append(result)
     report = {**summary(results), "config": config.to_dict(), "target_fpr": target_fpr}
-    kinds = [
-        k
-        for k in ("image", "patch", "fused")
-        if f"auroc_{k}" in next(iter(report["categories"].values()))
-    ]
+    kinds = ["image", "patch", "fused"] if patch else []
     pixel = patch and any("pixel_auroc" in row for row in report["categories"].values())
     head = "".join(f"{k:>7}" for k in kinds) + (f"{'pixel':>7}{'PRO':>7}" if pixel else "")
     level_names = " ".join(f"L{level:<5d}" for level in config.image_levels)
@@ -369,8 +362,7 @@ def select_configuration(
     Fits on 4/5 of train/good; the other fifth gives normals and their defective copies.
     """
     from gaussian_ad.data.images import mvtec_manifest
-    from gaussian_ad.evaluation.selection import select_configuration as select
-    from gaussian_ad.store.plan import holdout_split
+    from gaussian_ad.evaluation.selection import select_on_normals
 
     if n_per_kind < 1:
         raise typer.BadParameter(f"n-per-kind: must be >= 1, got {n_per_kind}")
@@ -383,14 +375,7 @@ def select_configuration(
         workers=workers,
     )
     paths = [r.path for r in mvtec_manifest(data_root, category, splits=("train",))]
-    fit_idx, held_idx = holdout_split(len(paths), seed=seed)
-    selection = select(
-        [paths[i] for i in fit_idx],
-        [paths[i] for i in held_idx],
-        config,
-        loader=loader,
-        n_per_kind=n_per_kind,
-    )
+    selection = select_on_normals(paths, config, loader=loader, n_per_kind=n_per_kind)
     typer.echo(f"{'levels':<8}{'reduction':<11}{'score':<7}{'AUROC':>7}")
     for candidate, value in selection.results:
         levels, reduction = candidate.levels or "-", candidate.reduction or "none"

@@ -7,20 +7,16 @@ from typing import Any
 from prefect import task
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
-from gaussian_ad.evaluation.selection import DEFAULT_GRID, Candidate, select_configuration
+from gaussian_ad.evaluation.selection import DEFAULT_GRID, Candidate, select_on_normals
 
 
 @task(name="select-configuration", retries=1, retry_delay_seconds=5)
 def select_task(
-    fit_paths: list[str],
-    heldout_paths: list[str],
+    train_paths: list[str],
     base: DetectorConfig,
     loader: LoaderOptions,
     n_per_kind: int,
     grid: tuple[Candidate, ...] | None = None,
 ) -> dict[str, Any]:
     """Rank the candidates (default: DEFAULT_GRID) by validation AUROC; the selection as a dict."""
-    selection = select_configuration(
-        fit_paths, heldout_paths, base, grid or DEFAULT_GRID, loader, n_per_kind=n_per_kind
-    )
-    return selection.to_dict()
+    return select_on_normals(train_paths, base, grid or DEFAULT_GRID, loader, n_per_kind).to_dict()

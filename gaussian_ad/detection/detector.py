@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -28,7 +28,7 @@ from gaussian_ad.backbones.models import Backbone, cached_backbone
 from gaussian_ad.config import DetectorConfig, LoaderOptions
 from gaussian_ad.data.images import ImageError, ImageSource
 from gaussian_ad.detection.scores import Scores, concat_scores
-from gaussian_ad.features.extract import iter_batches, pick_levels
+from gaussian_ad.features.extract import collect, iter_batches, pick_levels
 from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.stats.arrayfile import ModelFileError, model_file_errors
 from gaussian_ad.stats.calibration import Calibration
@@ -36,11 +36,13 @@ from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.moments import BatchMoments
 from gaussian_ad.stats.patch_gaussian import PatchGaussian
 from gaussian_ad.store.feature_store import FeatureStore
-from gaussian_ad.store.outofcore import fit_store_models
+from gaussian_ad.store.outofcore import fit_store, patch_moments, store_moments
+from gaussian_ad.store.plan import fold_ids
 
 logger = logging.getLogger(__name__)
 
 PATCH_SUFFIX = ".patch.safetensors"
+STORE_CHUNK = 32  # rows of patch features scored at a time
 
 
 class Detector:
@@ -106,21 +108,141 @@ class Detector:
         return pick_levels(pooled, self.backbone_levels, self.config.image_levels)
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, sources: Sequence[ImageSource], progress: bool = False) -> Self:
-        """Fit on normal images (one backbone pass for both models); unreadable ones are
-        skipped and kept in ``errors_``. Call :meth:`calibrate` next for a threshold."""
+    def fit(
+        self, sources: Sequence[ImageSource], target_fpr: float = 0.01, progress: bool = False
+    ) -> Self:
+        """Fit on every normal image and calibrate on their out-of-fold scores.
+
+        One backbone pass fits both models; unreadable images are skipped and kept in
+        ``errors_``. Each image is then scored by the models fitted without its fold
+        (:func:`~gaussian_ad.store.plan.fold_ids`), and those scores set ``calibration_``
+        (threshold at ``target_fpr``, fused score's standardiser) and ``oof_scores_``. The
+        patch features of the training images are kept for this (P * d * 4 bytes each:
+        313 kB at 28 x 28 x 100); for large sets use the feature store (:meth:`fit_store`).
+        """
         backbone = self.backbone_module()
         layout = PatchLayout.for_config(backbone, self.config) if self.config.patch else None
         passed = training_pass(backbone, sources, self.loader, layout, progress)
-        model = GaussianAD(
-            reduction=self.config.reduction, variance_threshold=self.config.variance_threshold
-        ).fit(self.image_levels_of(passed.pooled))
-        patch_model = None
-        if passed.patch_sums is not None:
-            patch_model = PatchGaussian().fit_moments(passed.patch_sums)
-        self.set_models(model, patch_model, layout, passed.errors)
+        levels = self.image_levels_of(passed.pooled)
+        folds = fold_ids([str(i) for i in passed.index], seed=self.config.seed)
+        patches, patch_total = passed.patches, passed.patch_sums
+        self.set_models(
+            self._image_model().fit(levels),
+            None if patch_total is None else PatchGaussian().fit_moments(patch_total),
+            layout,
+            passed.errors,
+        )
         self.weights_fingerprint_ = backbone.weights_fingerprint
-        return self
+
+        def fold_models(k: int) -> tuple[GaussianAD, PatchGaussian | None]:
+            kept = folds != k
+            image = self._image_model().fit([x[kept] for x in levels])
+            if patch_total is None:
+                return image, None
+            held = BatchMoments.from_array(patches[~kept], patch_total.shift)
+            return image, PatchGaussian().fit_moments(patch_total - held)
+
+        def fold_scores(held_out: Detector, k: int) -> Scores:
+            rows = np.flatnonzero(folds == k)
+            fold_patches = None if patches is None else patches[rows]
+            return held_out.score_features(
+                [x[rows] for x in levels], fold_patches, index=passed.index[rows]
+            )
+
+        return self.calibrate_out_of_fold(fold_models, fold_scores, folds, target_fpr)
+
+    def fit_store(
+        self, store: FeatureStore, rows: np.ndarray | None = None, target_fpr: float = 0.01
+    ) -> Self:
+        """:meth:`fit` out-of-core: from a feature store's ``rows`` (default: all), reduced
+        on Dask, calibrated on out-of-fold scores read back from the store.
+
+        A fitted detector merges the rows' statistics into its models instead (exact
+        incremental retraining; needs reduction=None and the same patch layout); its
+        calibration then comes from the new rows, scored out of fold.
+        """
+        rows = np.arange(store.n_rows) if rows is None else np.asarray(rows)
+        rows = rows[store.valid()[rows]]
+        if list(store.levels) != list(self.config.image_levels):
+            raise ValueError(
+                f"{store.url}: holds levels {list(store.levels)}, the detector uses "
+                f"{list(self.config.image_levels)}"
+            )
+        layout = None if store.patch_layout is None else PatchLayout.from_dict(store.patch_layout)
+        reduction = self.config.reduction
+        image_base, patch_base = None, None
+        if hasattr(self, "model_"):
+            if layout != self.patch_layout_:
+                raise ValueError(f"{store.url}: another patch layout than the detector's")
+            if reduction is not None:
+                raise ValueError(
+                    f"incremental fitting needs reduction=None, this model uses {reduction!r}"
+                )
+            image_base = self.model_.raw_moments_
+            patch_base = None if self.patch_model_ is None else self.patch_model_.moments_
+        folds = fold_ids(store.manifest["path"].to_numpy()[rows], seed=self.config.seed)
+        masks = [_row_mask(store.n_rows, rows[folds == k]) for k in range(folds.max() + 1)]
+        image_parts = [store_moments(store, mask) for mask in masks]
+        image_total = [sum(parts) for parts in zip(*image_parts, strict=True)]
+        if image_base is not None:
+            image_total = [a + b for a, b in zip(image_base, image_total, strict=True)]
+        patch_parts = [patch_moments(store, mask) for mask in masks] if layout else []
+        patch_total = None
+        if layout is not None:
+            patch_total = sum(patch_parts) if patch_base is None else patch_base + sum(patch_parts)
+
+        def image_model(k: int | None) -> GaussianAD:
+            """The image-level model without fold ``k`` (None: with every fold)."""
+            if reduction is None:
+                moments = (
+                    image_total
+                    if k is None
+                    else [t - p for t, p in zip(image_total, image_parts[k], strict=True)]
+                )
+                return self._image_model().fit_moments(moments)
+            kept = _row_mask(store.n_rows, rows if k is None else rows[folds != k])
+            return fit_store(store, reduction, self.config.variance_threshold, selected=kept)
+
+        def fold_models(k: int) -> tuple[GaussianAD, PatchGaussian | None]:
+            if patch_total is None:
+                return image_model(k), None
+            return image_model(k), PatchGaussian().fit_moments(patch_total - patch_parts[k])
+
+        def fold_scores(held_out: Detector, k: int) -> Scores:
+            return score_store_rows(held_out, store, rows[folds == k])
+
+        patch_model = None if patch_total is None else PatchGaussian().fit_moments(patch_total)
+        self.set_models(image_model(None), patch_model, layout, store.errors())
+        self.weights_fingerprint_ = store.config.get("weights_fingerprint")
+        logger.info("fitted on %d rows of %s", self.model_.n_samples_, store.url)
+        return self.calibrate_out_of_fold(fold_models, fold_scores, folds, target_fpr)
+
+    def calibrate_out_of_fold(
+        self,
+        fold_models: Callable[[int], tuple[GaussianAD, PatchGaussian | None]],
+        fold_scores: Callable[[Detector, int], Scores],
+        folds: np.ndarray,
+        target_fpr: float,
+    ) -> Self:
+        """Score every fold with the models fitted without it, calibrate on those scores.
+
+        ``oof_scores_`` keeps them, in the order of the training rows' ``index``.
+        """
+        parts = []
+        for k in range(int(folds.max()) + 1):
+            image, patch = fold_models(k)
+            held_out = Detector(self.config, self.loader).set_models(
+                image, patch, self.patch_layout_
+            )
+            parts.append(fold_scores(held_out, k))
+        scores = concat_scores(parts, [])
+        self.oof_scores_ = scores.take(np.argsort(scores.index, kind="stable"))
+        return self.calibrate_scores(self.oof_scores_, target_fpr)
+
+    def _image_model(self) -> GaussianAD:
+        return GaussianAD(
+            reduction=self.config.reduction, variance_threshold=self.config.variance_threshold
+        )
 
     def set_models(
         self,
@@ -148,39 +270,6 @@ class Detector:
         self.calibration_: Calibration | None = None
         self.errors_ = list(errors)
         self.weights_fingerprint_: str | None = getattr(self, "weights_fingerprint_", None)
-        return self
-
-    def fit_store(self, store: FeatureStore, rows: np.ndarray | None = None) -> Self:
-        """Fit from a feature store's ``rows`` (default: all) on Dask, out-of-core.
-
-        A fitted detector merges the rows' statistics into its models instead (exact
-        incremental retraining; needs reduction=None and the same patch layout).
-        """
-        selected = None
-        if rows is not None:
-            selected = np.zeros(store.n_rows, dtype=bool)
-            selected[rows] = True
-        if list(store.levels) != list(self.config.image_levels):
-            raise ValueError(
-                f"{store.url}: holds levels {list(store.levels)}, the detector uses "
-                f"{list(self.config.image_levels)}"
-            )
-        layout = None if store.patch_layout is None else PatchLayout.from_dict(store.patch_layout)
-        base = None
-        if hasattr(self, "model_"):
-            if layout != self.patch_layout_:
-                raise ValueError(f"{store.url}: another patch layout than the detector's")
-            base = (self.model_, self.patch_model_)
-        model, patch_model = fit_store_models(
-            store,
-            self.config.reduction,
-            self.config.variance_threshold,
-            selected=selected,
-            base=base,
-        )
-        logger.info("fitted on %d rows of %s", model.n_samples_, store.url)
-        self.set_models(model, patch_model, layout, store.errors())
-        self.weights_fingerprint_ = store.config.get("weights_fingerprint")
         return self
 
     def calibrate(
@@ -360,10 +449,12 @@ def patch_path(path: str | Path) -> Path:
 @dataclass
 class TrainingPass:
     """What one backbone pass over training images gives: pooled features of every
-    backbone level (kept: PCA needs them twice) and the patch features' sums (streamed)."""
+    backbone level, patch features and their sums (all kept: PCA needs the pooled features
+    twice, cross-fitting scores the patch features out of fold)."""
 
     pooled: list[np.ndarray]
     index: np.ndarray
+    patches: np.ndarray | None
     patch_sums: BatchMoments | None
     errors: list[ImageError]
 
@@ -376,25 +467,40 @@ def training_pass(
     progress: bool = False,
 ) -> TrainingPass:
     """One pass over training images; at least 2 must decode."""
-    pooled: list[list[np.ndarray]] = []
-    index: list[np.ndarray] = []
-    errors: list[ImageError] = []
-    patch_sums: BatchMoments | None = None
-    for batch in iter_batches(backbone, sources, loader, layout=layout, progress=progress):
-        errors.extend(batch.errors)
-        if not len(batch.index):
-            continue
-        pooled.append(batch.pooled)
-        index.append(batch.index)
-        if batch.patches is not None:
-            shift = None if patch_sums is None else patch_sums.shift
-            part = BatchMoments.from_array(batch.patches, shift)
-            patch_sums = part if patch_sums is None else patch_sums + part
-    n = sum(len(i) for i in index)
-    if n < 2:
+    features = collect(
+        iter_batches(backbone, sources, loader, layout=layout, progress=progress), backbone, layout
+    )
+    if len(features.index) < 2:
         raise ValueError(
-            f"need at least 2 readable training images, got {n}"
-            + "".join(f"\n  {e.path}: {e.reason}" for e in errors)
+            f"need at least 2 readable training images, got {len(features.index)}"
+            + "".join(f"\n  {e.path}: {e.reason}" for e in features.errors)
         )
-    levels = [np.concatenate(parts) for parts in zip(*pooled, strict=True)]
-    return TrainingPass(levels, np.concatenate(index), patch_sums, errors)
+    patches = features.patches
+    patch_sums = None if patches is None else BatchMoments.from_array(patches)
+    return TrainingPass(features.pooled, features.index, patches, patch_sums, features.errors)
+
+
+def _row_mask(n_rows: int, rows: np.ndarray) -> np.ndarray:
+    mask = np.zeros(n_rows, dtype=bool)
+    mask[rows] = True
+    return mask
+
+
+def score_store_rows(
+    detector: Detector, store: FeatureStore, rows: np.ndarray, maps: bool = False
+) -> Scores:
+    """Score a feature store's rows (those that decoded) from their stored features.
+
+    ``index`` of the result holds the store rows. Patch features are read and scored
+    ``STORE_CHUNK`` rows at a time.
+    """
+    rows = np.asarray(rows)
+    rows = rows[store.valid()[rows]]
+    with_patches = detector.patch_model_ is not None and store.patch_layout is not None
+    parts = []
+    for start in range(0, len(rows), STORE_CHUNK):
+        chunk = rows[start : start + STORE_CHUNK]
+        levels = [store.read_rows(level, chunk) for level in detector.config.image_levels]
+        patches = store.read_patches(chunk) if with_patches else None
+        parts.append(detector.score_features(levels, patches, maps, index=chunk))
+    return concat_scores(parts or [detector.empty_scores(maps)], [])

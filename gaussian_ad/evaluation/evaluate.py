@@ -4,9 +4,9 @@
 they were computed (from images, or from a feature store's rows) and gives image-level,
 patch-level and fused AUROC, per-level AUROC, pixel AUROC and PRO where masks exist, and
 the chi-square and empirical thresholds against their observed rates.
-:func:`evaluate_category` is the whole protocol on an MVTec-layout folder: fit on 4/5 of
-train/good (fold 0 of KFold(5, shuffle, seed), as the paper splits), calibrate on the other
-fifth, score the test split.
+:func:`evaluate_category` is the whole protocol on an MVTec-layout folder: fit on every
+train/good image, calibrate on their out-of-fold scores (see :mod:`gaussian_ad.store.plan`),
+score the test split.
 """
 
 from __future__ import annotations
@@ -21,20 +21,18 @@ import numpy as np
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
 from gaussian_ad.data.images import ImageError, ImageRecord, load_masks, mvtec_manifest
-from gaussian_ad.detection.detector import Detector
-from gaussian_ad.detection.scores import Scores, concat_scores
+from gaussian_ad.detection.detector import Detector, score_store_rows
+from gaussian_ad.detection.scores import Scores
 from gaussian_ad.stats.calibration import combine
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.metrics import auroc, level_aurocs, mean_sem, pixel_auroc, pro_auc
 from gaussian_ad.stats.thresholds import empirical_threshold, observed_rate, sigma_to_fpr
 from gaussian_ad.store.feature_store import FeatureStore
-from gaussian_ad.store.plan import holdout_split
 
 logger = logging.getLogger(__name__)
 
 SIGMAS = (1, 2, 3, 4, 5)
 TARGET_FPRS = (0.01, 0.001)
-STORE_CHUNK = 32  # rows of patch features scored at a time
 
 
 def split_records(records: Iterable[ImageRecord]) -> tuple[list[ImageRecord], list[ImageRecord]]:
@@ -188,17 +186,17 @@ def evaluate_category(
     target_fpr: float = 0.01,
     progress: bool = False,
 ) -> CategoryEvaluation:
-    """Fit on 4/5 of train/good, calibrate on the other fifth, evaluate on test/."""
+    """Fit on every train/good image (calibrated out of fold), evaluate on test/."""
     train, test = split_records(mvtec_manifest(root, category))
-    fit_idx, held_idx = holdout_split(len(train), seed=config.seed)
-    detector = Detector(config, loader)
-    detector.fit([train[i].path for i in fit_idx], progress=progress)
-    heldout = detector.score([train[i].path for i in held_idx], progress=progress)
-    detector.calibrate_scores(heldout, target_fpr)
+    detector = Detector(config, loader).fit([r.path for r in train], target_fpr, progress)
     scores = detector.score([r.path for r in test], maps=config.patch, progress=progress)
     scored = [test[i] for i in scores.index]
     evaluation = evaluate(
-        detector, heldout, scores, [r.label for r in scored], [r.mask for r in scored]
+        detector,
+        detector.oof_scores_,
+        scores,
+        [r.label for r in scored],
+        [r.mask for r in scored],
     )
     return CategoryEvaluation(
         category,
@@ -206,7 +204,7 @@ def evaluate_category(
         evaluation,
         scored,
         detector.model_.n_samples_,
-        detector.errors_ + heldout.errors + scores.errors,
+        detector.errors_ + scores.errors,
     )
 
 
@@ -230,36 +228,11 @@ def summary(results: Iterable[CategoryEvaluation]) -> dict[str, Any]:
     }
 
 
-def score_store_rows(
-    detector: Detector, store: FeatureStore, rows: np.ndarray, maps: bool = False
-) -> Scores:
-    """Score a feature store's rows (those that decoded) from their stored features.
-
-    ``index`` of the result holds the store rows. Patch features are read and scored
-    ``STORE_CHUNK`` rows at a time.
-    """
-    rows = np.asarray(rows)
-    rows = rows[store.valid()[rows]]
-    with_patches = detector.patch_model_ is not None and store.patch_layout is not None
-    parts = []
-    for start in range(0, len(rows), STORE_CHUNK):
-        chunk = rows[start : start + STORE_CHUNK]
-        levels = [store.read_rows(level, chunk) for level in detector.config.image_levels]
-        patches = store.read_patches(chunk) if with_patches else None
-        parts.append(detector.score_features(levels, patches, maps, index=chunk))
-    return concat_scores(parts or [detector.empty_scores(maps)], [])
-
-
 def evaluate_store(
-    detector: Detector,
-    store: FeatureStore,
-    heldout_rows: np.ndarray,
-    test_rows: np.ndarray,
-    target_fpr: float,
+    detector: Detector, store: FeatureStore, heldout: Scores, test_rows: np.ndarray
 ) -> Evaluation:
-    """Calibrate on the held-out rows and evaluate on the test rows, from stored features."""
-    heldout = score_store_rows(detector, store, heldout_rows)
-    detector.calibrate_scores(heldout, target_fpr)
+    """Evaluate a calibrated detector on a store's test rows, from stored features;
+    ``heldout`` are the normals it was calibrated on (its out-of-fold scores)."""
     test = score_store_rows(detector, store, test_rows, maps=detector.patch_model_ is not None)
     manifest = store.manifest.iloc[test.index]
     masks = [m if isinstance(m, str) else None for m in manifest["mask"]]

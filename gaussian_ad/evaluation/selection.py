@@ -42,6 +42,7 @@ from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.metrics import auroc
 from gaussian_ad.stats.patch_gaussian import PatchGaussian
+from gaussian_ad.store.plan import holdout_split
 
 SCORES = ("image", "fused", "patch")  # in order of simplicity
 DEFAULT_N_PER_KIND = 10
@@ -233,4 +234,24 @@ def select_configuration(
             "validation_normal": int((validation_labels == 0).sum()),
             "validation_defective": int((validation_labels == 1).sum()),
         },
+    )
+
+
+def select_on_normals(
+    paths: Sequence[ImageSource],
+    base: DetectorConfig,
+    candidates: Sequence[Candidate] = DEFAULT_GRID,
+    loader: LoaderOptions | None = None,
+    n_per_kind: int = DEFAULT_N_PER_KIND,
+) -> Selection:
+    """:func:`select_configuration` on normal images alone: fold 0 of KFold(5, shuffle,
+    ``base.seed``) is held out for the validation, the other 4/5 fit the candidates."""
+    fit_idx, held_idx = holdout_split(len(paths), seed=base.seed)
+    return select_configuration(
+        [paths[i] for i in fit_idx],
+        [paths[i] for i in held_idx],
+        base,
+        candidates,
+        loader,
+        n_per_kind=n_per_kind,
     )

@@ -91,6 +91,15 @@ class Moments:
             return other
         return Moments(*_merged_fields(self, other))
 
+    def __sub__(self, other: Moments) -> Moments:
+        """Statistics of these rows without ``other``'s, a subset of them (exact): the
+        leave-fold-out statistics of cross-fitting, without revisiting any row."""
+        if not isinstance(other, Moments):
+            return NotImplemented
+        if other.dim != self.dim:
+            raise ValueError(f"cannot subtract statistics of dimension {other.dim} from {self.dim}")
+        return Moments(*_difference_fields(self, other))
+
     def __radd__(self, other: object) -> Moments:
         """Allow ``sum(partials)`` (which starts from 0)."""
         if other == 0:
@@ -343,6 +352,16 @@ class BatchMoments:
             )
         return BatchMoments(*_merged_fields(self, other))
 
+    def __sub__(self, other: BatchMoments) -> BatchMoments:
+        """Statistics without ``other``'s rows (a subset), position by position (exact)."""
+        if not isinstance(other, BatchMoments):
+            return NotImplemented
+        if other.shift.shape != self.shift.shape:
+            raise ValueError(
+                f"cannot subtract statistics of shape {other.shift.shape} from {self.shift.shape}"
+            )
+        return BatchMoments(*_difference_fields(self, other))
+
     def __radd__(self, other: object) -> BatchMoments:
         """Allow ``sum(partials)`` (which starts from 0)."""
         if other == 0:
@@ -399,4 +418,19 @@ def _merged_fields(a: Moments | BatchMoments, b: Moments | BatchMoments) -> tupl
         big.sum_yy + small.sum_yy,
         big.sum_y2y + small.sum_y2y,
         big.sum_y4 + small.sum_y4,
+    )
+
+
+def _difference_fields(a: Moments | BatchMoments, b: Moments | BatchMoments) -> tuple:
+    """Fields of ``a``'s rows without ``b``'s (a subset of them), around ``a``'s shift."""
+    if b.n > a.n:
+        raise ValueError(f"cannot remove {b.n} rows from statistics of {a.n}")
+    b = b.reshifted(a.shift)
+    return (
+        a.n - b.n,
+        a.shift,
+        a.sum_y - b.sum_y,
+        a.sum_yy - b.sum_yy,
+        a.sum_y2y - b.sum_y2y,
+        a.sum_y4 - b.sum_y4,
     )

@@ -21,7 +21,6 @@ from distributed import get_worker, worker_client
 
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.moments import BatchMoments, Moments
-from gaussian_ad.stats.patch_gaussian import PatchGaussian
 from gaussian_ad.store.feature_store import FeatureStore
 
 
@@ -217,28 +216,3 @@ def fit_store(
         ]
     )
     return model.fit_moments(list(projected))
-
-
-def fit_store_models(
-    store: FeatureStore,
-    reduction: str | None = None,
-    variance_threshold: float = 0.99,
-    *,
-    selected: np.ndarray | None = None,
-    base: tuple[GaussianAD, PatchGaussian | None] | None = None,
-) -> tuple[GaussianAD, PatchGaussian | None]:
-    """The image-level model and, for a store with patch features, the patch-level one.
-
-    With ``base`` (fitted models without reduction), the store's statistics are merged
-    into them instead: exact incremental retraining.
-    """
-    if base is None:
-        model = fit_store(store, reduction, variance_threshold, selected=selected)
-    else:
-        model = base[0].merge_moments(store_moments(store, selected))
-    if store.patch_layout is None:
-        return model, None
-    patch_sums = patch_moments(store, selected)
-    if base is not None and base[1] is not None:
-        return model, base[1].merge_moments(patch_sums)
-    return model, PatchGaussian().fit_moments(patch_sums)

@@ -1,7 +1,9 @@
-"""The row plan of a training run's feature store: fit rows, held-out rows, test rows.
+"""The row plan of a training run's feature store, and the folds of cross-fitting.
 
-The fit uses 4/5 of train/good (fold 0 of KFold(5, shuffle, seed), as the paper splits);
-the other fifth calibrates thresholds and the fused score. Torch-free.
+The final models are fitted on every normal training image. Calibration (the threshold and
+the fused score's standardiser) uses out-of-fold scores: each image is scored by the model
+without its fold (KFold(5, shuffle, seed), as the paper splits), whose statistics are the
+total minus that fold's, exactly. Torch-free.
 """
 
 from __future__ import annotations
@@ -18,6 +20,25 @@ from gaussian_ad.config import DetectorConfig
 from gaussian_ad.data.images import ImageRecord, folder_manifest, manifest_fingerprint
 
 logger = logging.getLogger(__name__)
+
+
+N_FOLDS = 5
+
+
+def fold_ids(keys: Sequence[str], n_folds: int = N_FOLDS, seed: int = 0) -> np.ndarray:
+    """The cross-fitting fold of each training row: KFold(n_folds, shuffle, seed) over the
+    distinct ``keys`` (image paths), so every augmented copy of an image shares its fold.
+
+    With fewer distinct images than folds, each image is its own fold.
+    """
+    unique, inverse = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+    if len(unique) < 2:
+        raise ValueError(f"need at least 2 distinct training images, got {len(unique)}")
+    splits = KFold(min(n_folds, len(unique)), shuffle=True, random_state=seed)
+    folds = np.empty(len(unique), dtype=np.int64)
+    for k, (_, held) in enumerate(splits.split(unique)):
+        folds[held] = k
+    return folds[inverse]
 
 
 def holdout_split(n: int, n_folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -42,45 +63,36 @@ def augmented_rows(
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """The records of a run and which store rows fit, calibrate and test."""
+    """The records of a run: the normal images that fit (all of train/good, or the new
+    normals of an incremental run) and the test images."""
 
     fit: list[ImageRecord]
-    held: list[ImageRecord]
     test: list[ImageRecord]
     augment_passes: int = 0
     incremental: bool = False  # fit records are new normals merged into a base model
 
     @classmethod
-    def from_manifest(
-        cls, records: Sequence[ImageRecord], seed: int, augment_passes: int = 0
-    ) -> TrainingPlan:
+    def from_manifest(cls, records: Sequence[ImageRecord], augment_passes: int = 0) -> TrainingPlan:
         train = [r for r in records if r.split == "train"]
-        fit_idx, held_idx = holdout_split(len(train), seed=seed)
         test = [r for r in records if r.split == "test"]
-        return cls([train[i] for i in fit_idx], [train[i] for i in held_idx], test, augment_passes)
+        return cls(train, test, augment_passes)
 
     def with_new_normals(self, folder: str, category: str) -> TrainingPlan:
-        """The same held-out and test rows, with the new normal images as the fit rows."""
+        """The same test rows, with the new normal images as the fit rows."""
         new = [ImageRecord(r.path, category, "train", 0, "good") for r in folder_manifest([folder])]
-        if not new:
-            raise ValueError(f"new_images: no images found in {folder}")
-        return TrainingPlan(new, self.held, self.test, self.augment_passes, incremental=True)
+        if len(new) < 2:
+            raise ValueError(f"new_images: need at least 2 images in {folder}, found {len(new)}")
+        return TrainingPlan(new, self.test, self.augment_passes, incremental=True)
 
     def rows(self) -> tuple[list[ImageRecord], list[int]]:
-        """Store rows and their augmentation pass: fit rows (once per pass), held, test."""
+        """Store rows and their augmentation pass: fit rows (once per pass), then test."""
         fit_rows, fit_passes = augmented_rows(self.fit, self.augment_passes)
-        rest = self.held + self.test
-        return fit_rows + rest, fit_passes + [-1] * len(rest)
+        return fit_rows + self.test, fit_passes + [-1] * len(self.test)
 
     def row_index(self) -> dict[str, np.ndarray]:
-        """Store row numbers of the fit, held-out and test rows."""
+        """Store row numbers of the fit and test rows."""
         n_fit = len(self.fit) * max(self.augment_passes, 1)
-        n_held = len(self.held)
-        return {
-            "fit": np.arange(n_fit),
-            "held": np.arange(n_fit, n_fit + n_held),
-            "test": np.arange(n_fit + n_held, n_fit + n_held + len(self.test)),
-        }
+        return {"fit": np.arange(n_fit), "test": np.arange(n_fit, n_fit + len(self.test))}
 
     def store_url(self, home: Path, category: str, fingerprint: str, config: DetectorConfig) -> str:
         """One store per data, features and plan: reruns resume it, other settings do not."""
