@@ -171,7 +171,9 @@ def test_identical_training_images_are_refused_with_the_reason(small_dataset, tm
 
 def test_a_model_without_threshold_leaves_is_anomaly_empty(small_dataset, tmp_path):
     paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))]
-    model = Detector(DetectorConfig(levels="9")).fit(paths).save(tmp_path / "m.safetensors")
+    detector = Detector(DetectorConfig(levels="9")).fit(paths)
+    detector.calibration_ = None  # as a model calibrated by nothing (e.g. set_models) has
+    model = detector.save(tmp_path / "m.safetensors")
     out = tmp_path / "s.parquet"
     result = CliRunner().invoke(app, ["score", str(model), paths[0], "--out", str(out)])
     assert result.exit_code == 0, result.output

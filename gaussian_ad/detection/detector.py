@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,8 @@ class Detector:
         layout = PatchLayout.for_config(backbone, self.config) if self.config.patch else None
         passed = training_pass(backbone, sources, self.loader, layout, progress)
         levels = self.image_levels_of(passed.pooled)
-        folds = fold_ids([str(i) for i in passed.index], seed=self.config.seed)
+        keys = [_source_key(sources[i], i) for i in passed.index]
+        folds = fold_ids(keys, seed=self.config.seed)  # the folds a store of them would get
         patches, patch_total = passed.patches, passed.patch_sums
         self.set_models(
             self._image_model().fit(levels),
@@ -478,6 +480,11 @@ def training_pass(
     patches = features.patches
     patch_sums = None if patches is None else BatchMoments.from_array(patches)
     return TrainingPass(features.pooled, features.index, patches, patch_sums, features.errors)
+
+
+def _source_key(source: ImageSource, position: int) -> str:
+    """What identifies a training image for its fold: its path, else its position."""
+    return os.fspath(source) if isinstance(source, str | os.PathLike) else f"<item {position}>"
 
 
 def _row_mask(n_rows: int, rows: np.ndarray) -> np.ndarray:

@@ -227,12 +227,17 @@ def test_detector_with_patch_model_round_trips_scores_maps_and_threshold(small_d
     train, test = split_records(mvtec_manifest(small_dataset, "grain"))
     paths = [r.path for r in train]
     config = DetectorConfig("lite0", "7-9", patch=True, score="fused", patch_channels=40)
-    detector = Detector(config)
-    # The fused score needs the standardiser of a calibration: none before it.
-    early = detector.fit(paths[:15]).score([r.path for r in test[:2]])
-    assert early.scores is None and early.is_anomaly is None and detector.threshold is None
+    detector = Detector(config).fit(paths[:15])
+    # The fused score needs the standardiser of a calibration: none without one.
+    uncalibrated = Detector(config).set_models(
+        detector.model_, detector.patch_model_, detector.patch_layout_
+    )
+    early = uncalibrated.score([r.path for r in test[:2]])
+    assert early.scores is None and early.is_anomaly is None and uncalibrated.threshold is None
     assert early.patch_scores.shape == (2,) and early.level_scores.shape == (2, 3)
-    detector.calibrate(paths[15:], target_fpr=0.2)
+    assert detector.calibration_.n_normals == 15  # out-of-fold scores of every image
+    detector.calibrate(paths[15:], target_fpr=0.2)  # or explicitly on held-out normals
+    assert detector.calibration_.n_normals == len(paths) - 15
     assert detector.backbone_levels == (3, 4, 5, 7, 8, 9)
     result = detector.score([r.path for r in test], maps=True)
     assert result.maps.shape == (len(test), 224, 224)
@@ -266,3 +271,41 @@ def test_detector_without_patch_model_refuses_maps_and_patch_scores():
     detector.set_models(GaussianAD().fit([np.random.default_rng(0).normal(size=(20, 1280))]))
     with pytest.raises(ValueError, match="patch-level model"):
         detector.score([np.zeros((32, 32, 3), np.uint8)], maps=True)
+
+
+def test_out_of_fold_scores_equal_models_fitted_without_each_fold(small_dataset, tmp_path):
+    """Cross-fitting by subtraction, in memory and out-of-core, against direct refits."""
+    from gaussian_ad.features.shards import create_store, extract_shard
+    from gaussian_ad.store.feature_store import FeatureStore
+    from gaussian_ad.store.plan import fold_ids
+
+    records = mvtec_manifest(small_dataset, "disc", splits=("train",))
+    paths = [r.path for r in records]
+    config = DetectorConfig("lite0", "8-9", patch=True, score="fused", patch_channels=20)
+    detector = Detector(config).fit(paths, target_fpr=0.1)
+    folds = fold_ids(paths, seed=config.seed)
+    backbone = detector.backbone_module()
+    store = create_store(
+        str(tmp_path / "s.zarr"),
+        records,
+        backbone,
+        levels=config.image_levels,
+        shard_size=10,
+        patch_layout=detector.patch_layout_,
+    )
+    for shard in store.pending_shards():
+        extract_shard(store, shard, backbone)
+    store = FeatureStore.open(store.url)
+    out_of_core = Detector(config).fit_store(store, target_fpr=0.1)
+    for k in range(5):
+        rows = np.flatnonzero(folds == k)
+        direct = Detector(config).fit([paths[i] for i in np.flatnonzero(folds != k)])
+        scored = direct.score([paths[i] for i in rows])
+        oof = detector.oof_scores_.take(rows)
+        np.testing.assert_allclose(oof.level_scores, scored.level_scores, rtol=1e-9)
+        np.testing.assert_allclose(oof.patch_scores, scored.patch_scores, rtol=1e-6)
+        stored = out_of_core.oof_scores_.take(rows)
+        np.testing.assert_allclose(stored.level_scores, scored.level_scores, rtol=1e-4)
+        np.testing.assert_allclose(stored.patch_scores, scored.patch_scores, rtol=1e-4)
+    assert detector.calibration_.n_normals == out_of_core.calibration_.n_normals == len(paths)
+    assert out_of_core.threshold == pytest.approx(detector.threshold, rel=1e-4)

@@ -5,7 +5,7 @@ import pytest
 from sklearn.covariance import LedoitWolf
 
 from gaussian_ad.stats.gaussian import GaussianAD
-from gaussian_ad.stats.moments import Moments, ledoit_wolf
+from gaussian_ad.stats.moments import BatchMoments, Moments, ledoit_wolf
 
 
 def rel_err(a, b) -> float:
@@ -90,3 +90,31 @@ def test_merging_checks_dimensions_and_empty():
     assert (a + Moments.empty(4)).n == 3
     with pytest.raises(ValueError, match="no rows"):
         _ = Moments.empty(4).mean
+
+
+def test_subtracting_a_fold_equals_the_statistics_of_the_other_folds():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(53, 7)) * 2.5 + 1e3  # a large common offset
+    folds = rng.integers(0, 5, size=len(x))
+    parts = [Moments.from_array(x[folds == k], shift=x[folds == k][-1]) for k in range(5)]
+    total = sum(parts[::-1])
+    for k in range(5):
+        left_out = total - parts[k]
+        covariance, shrinkage = ledoit_wolf(left_out)
+        reference = LedoitWolf().fit(x[folds != k])
+        assert left_out.n == int((folds != k).sum())
+        np.testing.assert_allclose(left_out.mean, x[folds != k].mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(covariance, reference.covariance_, rtol=1e-9, atol=1e-12)
+        assert shrinkage == pytest.approx(reference.shrinkage_, rel=1e-9)
+    with pytest.raises(ValueError, match="cannot remove"):
+        parts[0] - total
+
+
+def test_batch_moments_subtract_position_by_position():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 6, 5)) + 50.0
+    held = np.arange(40) % 4 == 0
+    left_out = BatchMoments.from_array(x) - BatchMoments.from_array(x[held])
+    reference = BatchMoments.from_array(x[~held])
+    np.testing.assert_allclose(left_out.covariance, reference.covariance, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(left_out.ledoit_wolf()[0], reference.ledoit_wolf()[0], rtol=1e-9)

@@ -19,7 +19,6 @@ from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.patch_gaussian import PatchGaussian
 from gaussian_ad.store.feature_store import FeatureStore
 from gaussian_ad.store.outofcore import fit_store, patch_moments
-from gaussian_ad.store.plan import holdout_split
 
 LEVELS = (3, 6, 9)
 
@@ -116,18 +115,16 @@ def test_cli_extract_then_fit_store_equals_cli_fit(tmp_path, small_dataset):
     assert result.exit_code == 0, result.output
     a, b = Detector.load(out_store), Detector.load(out_memory)
     assert a.config == b.config and a.config.image_levels == (7, 9)
-    # The store fit uses every row (no held-out images: no threshold); the fit from images
-    # holds out a fifth (fold 0) to calibrate the threshold.
+    # Both fit every image and calibrate on the same out-of-fold scores.
     feature_store = FeatureStore.open(store)
-    fit_idx, _ = holdout_split(feature_store.n_rows)
-    assert a.model_.n_samples_ == feature_store.n_rows and a.threshold is None
-    assert b.model_.n_samples_ == len(fit_idx) and b.threshold is not None
+    assert a.model_.n_samples_ == b.model_.n_samples_ == feature_store.n_rows
+    assert a.threshold == pytest.approx(b.threshold, rel=1e-6)
+    assert a.calibration_.n_normals == b.calibration_.n_normals == feature_store.n_rows
     whole = GaussianAD().fit([feature_store.read_level(level) for level in feature_store.levels])
-    same_rows = Detector(a.config).fit_store(feature_store, rows=fit_idx)
-    for ours, reference in zip(a.model_.precisions_, whole.precisions_, strict=True):
-        assert rel_err(ours, reference) < 1e-6
-    for ours, reference in zip(same_rows.model_.precisions_, b.model_.precisions_, strict=True):
-        assert rel_err(ours, reference) < 1e-6
+    for ours, memory, reference in zip(
+        a.model_.precisions_, b.model_.precisions_, whole.precisions_, strict=True
+    ):
+        assert rel_err(ours, reference) < 1e-6 and rel_err(memory, reference) < 1e-6
 
 
 def test_extraction_with_a_patch_layout_matches_in_memory_patch_fit(tmp_path, train_records):
