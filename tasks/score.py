@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Any
 
@@ -15,10 +14,6 @@ from gaussian_ad.data.sources import SourceItem, list_source
 from gaussian_ad.detection.detector import Detector
 from gaussian_ad.registry.mlflow_model import load_detector
 from gaussian_ad.scoring.outputs import score_shard
-
-SHARD_TIMEOUT = float(os.environ.get("GAUSSIAN_AD_SHARD_TIMEOUT", 3600))
-"""Seconds a shard may take before it fails (and is retried): one stuck read cannot hold
-a run. Set GAUSSIAN_AD_SHARD_TIMEOUT for very large shards or slow storage."""
 
 
 @lru_cache(maxsize=2)
@@ -34,7 +29,7 @@ def list_source_task(source: str) -> tuple[list[SourceItem], list[ImageError]]:
     return list_source(source)
 
 
-@task(name="score-shard", retries=2, retry_delay_seconds=5, timeout_seconds=SHARD_TIMEOUT)
+@task(name="score-shard", retries=2, retry_delay_seconds=5)
 def score_shard_task(
     items: list[SourceItem],
     shard: int,

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -462,3 +463,24 @@ def test_a_shard_where_nothing_decodes_writes_an_empty_part(models, tmp_path):
     assert (info["rows"], info["errors"]) == (0, 3)
     table = pd.read_parquet(tmp_path / "out" / "scores" / "part-00000.parquet")
     assert len(table) == 0 and {"path", "score", "is_anomaly"} <= set(table.columns)
+
+
+def test_a_stalled_read_ends_the_shard_not_the_run(models, small_dataset, tmp_path, monkeypatch):
+    items, _ = list_source(str(small_dataset / CATEGORY / "test" / "good"))
+    stalled = threading.Event()
+
+    def stalling(shard_items):
+        yield from read_items(shard_items[:2])
+        stalled.wait(60)  # the third read never returns (within the test)
+
+    monkeypatch.setattr(outputs, "read_items", stalling)
+    monkeypatch.setattr(outputs, "READ_TIMEOUT", 1.0)
+    try:
+        info = within(
+            30, outputs.score_shard, Detector.load(models[0]), items, 0, tmp_path / "o", ("m", "1")
+        )
+    finally:
+        stalled.set()
+    assert (info["rows"], info["errors"]) == (2, len(items) - 2)
+    errors = pd.read_parquet(tmp_path / "o" / "errors" / "part-00000.parquet")
+    assert errors["reason"].str.contains("stalled for over 1 s").all()

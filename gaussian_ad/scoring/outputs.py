@@ -8,6 +8,9 @@ rows say where each overlay went.
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +27,9 @@ from gaussian_ad.scoring.tables import error_table, score_table, write_table
 
 logger = logging.getLogger(__name__)
 
+READ_TIMEOUT = float(os.environ.get("GAUSSIAN_AD_READ_TIMEOUT", 300))
+"""Seconds one item's read may take before the shard gives up on it and the rest of its
+items (error rows): one stuck read (a hung network mount, say) cannot hold a run."""
 BYTES_IN_FLIGHT = 256 << 20
 """Encoded bytes a shard holds at once: items are read and scored in chunks of at most this
 (plus one item of up to the read limit, 1 GiB), whatever the shard's size."""
@@ -62,7 +68,7 @@ def _chunks_in_memory(
     contents: list[bytes] = []
     errors: list[ImageError] = []
     held = 0
-    for item, content in read_items(items):
+    for item, content in _read_with_deadline(items):
         if isinstance(content, ImageError):
             errors.append(content)
             continue
@@ -74,6 +80,32 @@ def _chunks_in_memory(
         held += len(content)
     if contents or errors:
         yield names, contents, errors
+
+
+def _read_with_deadline(
+    items: Sequence[SourceItem],
+) -> Iterator[tuple[SourceItem, bytes | ImageError]]:
+    """:func:`read_items` on a reader thread, one item ahead; an item that takes longer than
+    ``READ_TIMEOUT`` seconds ends the shard's reading: it and the items after it become error
+    rows, and the stuck thread is left behind (a blocked read cannot be interrupted)."""
+    results: queue.Queue = queue.Queue(maxsize=1)
+
+    def read() -> None:
+        for pair in read_items(items):
+            results.put(pair)
+
+    threading.Thread(target=read, name="shard-reader", daemon=True).start()
+    for position, item in enumerate(items):
+        try:
+            yield results.get(timeout=READ_TIMEOUT)
+        except queue.Empty:
+            logger.error(
+                "reading %s stalled for %.0f s; the shard goes on", item.name, READ_TIMEOUT
+            )
+            reason = f"not read: reading {item.name} stalled for over {READ_TIMEOUT:.0f} s"
+            for left in items[position:]:
+                yield left, ImageError(left.name, reason)
+            return
 
 
 def part_path(out: str | Path, kind: str, shard: int) -> Path:
