@@ -114,6 +114,8 @@ def on_services(services, monkeypatch) -> Iterator[str]:
     """
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     from prefect import tags
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", services.mlflow_uri)
@@ -124,6 +126,10 @@ def on_services(services, monkeypatch) -> Iterator[str]:
         tags(tag),
     ):
         yield tag
+        # Send what Prefect's log and event workers still hold while these services live:
+        # left queued, they would be flushed to a stopped server when the session ends.
+        APILogWorker.drain_all(timeout=60)
+        EventsWorker.drain_all(timeout=60)
 
 
 def prefect_runs(tag: str) -> dict[str, list]:
