@@ -27,6 +27,8 @@ from pathlib import Path
 
 import dask
 from prefect.context import FlowRunContext
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
@@ -101,6 +103,9 @@ def prefect_api() -> Iterator[str]:
         _wait_healthy(url, process)
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
+            # What Prefect's log and event workers still hold goes out while the server lives.
+            APILogWorker.drain_all(timeout=30)
+            EventsWorker.drain_all(timeout=30)
     finally:
         process.terminate()
         try:
