@@ -67,6 +67,8 @@ def dask_runner(address: str | None = None) -> DaskTaskRunner:
         return DaskTaskRunner(address=address)
     import torch
 
+    # The dashboard listens on loopback only; say so in the link that gets logged.
+    dask.config.set({"distributed.dashboard.link": "http://127.0.0.1:{port}/status"})
     gpus = torch.cuda.device_count()
     return DaskTaskRunner(
         cluster_kwargs={

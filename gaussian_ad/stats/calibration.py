@@ -8,6 +8,7 @@ score at a target false-positive rate. The threshold lives here and nowhere else
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ import numpy as np
 
 from gaussian_ad.stats.fusion import Standardizer, fuse
 from gaussian_ad.stats.thresholds import empirical_threshold
+
+logger = logging.getLogger(__name__)
 
 
 def combine(
@@ -66,7 +69,21 @@ class Calibration:
         )
         chosen = combine(kind, image_scores, patch_scores, standardizer)
         threshold = empirical_threshold(chosen, target_fpr)
-        return cls(kind, threshold, float(target_fpr), int(chosen.size), standardizer)
+        calibration = cls(kind, threshold, float(target_fpr), int(chosen.size), standardizer)
+        if target_fpr < calibration.smallest_fpr:
+            logger.warning(
+                "%d normal images cannot resolve a false-positive rate of %g: the smallest "
+                "they support is %.3g (1/n); the threshold is near their highest score",
+                calibration.n_normals,
+                target_fpr,
+                calibration.smallest_fpr,
+            )
+        return calibration
+
+    @property
+    def smallest_fpr(self) -> float:
+        """The smallest false-positive rate the calibration normals can tell apart: 1/n."""
+        return 1.0 / self.n_normals
 
     def scores(self, image_scores: np.ndarray, patch_scores: np.ndarray | None) -> np.ndarray:
         """The chosen score of new images."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -40,3 +42,14 @@ def test_without_patch_scores_only_the_image_score(held):
 def test_round_trip(held):
     calibration = Calibration.fit("fused", *held, 0.05)
     assert Calibration.from_dict(calibration.to_dict()) == calibration
+
+
+def test_too_few_normals_for_the_target_fpr_are_said(held, caplog):
+    image, patch = held  # 50 normals: 1/50 = 0.02 is the smallest FPR they resolve
+    caplog.set_level(logging.WARNING, logger="gaussian_ad.stats.calibration")
+    assert Calibration.fit("image", image, None, 0.05).smallest_fpr == pytest.approx(0.02)
+    assert not caplog.records
+    Calibration.fit("image", image, None, 0.01)
+    (record,) = caplog.records
+    assert "50 normal images cannot resolve a false-positive rate of 0.01" in record.getMessage()
+    assert "0.02" in record.getMessage()
