@@ -64,7 +64,8 @@ def run_demo(out_dir: Path) -> None:
         f"--port 5000   # then http://127.0.0.1:5000"
     )
     print(
-        f"Prefect UI: PREFECT_HOME={work_dir() / 'prefect'} .venv/bin/prefect server start"
-        "   # then http://127.0.0.1:4200"
+        "Prefect UI: PREFECT_SERVER_ANALYTICS_ENABLED=false "
+        f"PREFECT_HOME={work_dir() / 'prefect'} .venv/bin/prefect server start"
+        "   # then http://127.0.0.1:4200 (on another --port, set PREFECT_SERVER_API_PORT too)"
     )
     print(f"Scores:     {out_dir / 'scores'}   (anomaly-map overlays under maps/)")
