@@ -571,3 +571,13 @@ def test_dockerignore_keeps_state_and_secrets_out_of_the_context():
     }
     for required in (".git", ".venv", "mlruns", "demo", "data", "**/.env"):
         assert required in patterns, required
+
+
+def test_nightly_options_in_prefect_yaml_are_valid_train_options(deployments):
+    from gaussian_ad_flows.options import TrainOptions
+
+    options = deployments["nightly-retrain"]["parameters"]["options"]
+    parsed = TrainOptions.model_validate(options)
+    assert parsed.detector.backbone == options["detector"]["backbone"]
+    with pytest.raises(ValueError, match="reducton"):
+        TrainOptions.model_validate({**options, "detector": {"reducton": "npca"}})
