@@ -179,12 +179,28 @@ def promote(name: str, version: str, client: MlflowClient | None = None) -> None
     (client or MlflowClient()).set_registered_model_alias(name, CHAMPION, version)
 
 
+EXPERIMENT_TAGS = {
+    # Open in MLflow's model-training view, not its GenAI (traces) view.
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "gaussian-ad training runs: one run per category and training, each registering a "
+        "model version (gaussian-ad-<category>) with its AUROC and threshold."
+    ),
+}
+
+
 def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
-    """The experiment's id, creating it (with ``artifact_location``) when missing."""
+    """The experiment's id, creating it (with ``artifact_location``) when missing; tagged
+    so that MLflow's UI opens it as a model-training experiment."""
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+    else:
+        experiment_id = experiment.experiment_id
+    client = MlflowClient()
+    for key, value in EXPERIMENT_TAGS.items():
+        client.set_experiment_tag(experiment_id, key, value)
+    return experiment_id
 
 
 @dataclass(frozen=True)
@@ -241,7 +257,7 @@ def record_training(
         mlflow.log_dict(evaluation.thresholds.thresholds, "thresholds.json")
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(write_report(report, Path(tmp) / "report.html")))
-        info = log_detector(detector)
+        info = log_detector(detector, name)
         current = champion(name, client)
         previous = None
         if current is not None:

@@ -60,6 +60,8 @@ def test_training_registers_a_tagged_champion(trained, mlflow_uri):
     assert "auroc_l9" in run.data.metrics
     assert "chi2_sigma3_l9_observed_fpr" in run.data.metrics
     assert run.data.params["data_fingerprint"] == tags["data_fingerprint"]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in client.list_artifacts(trained["run_id"])}
     assert {"report.html", "thresholds.json"} <= artifacts
     # Extraction shards ran on the local Dask cluster's workers.
