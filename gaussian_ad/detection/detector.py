@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from gaussian_ad.backbones.models import Backbone, cached_backbone
 from gaussian_ad.config import DetectorConfig, LoaderOptions
 from gaussian_ad.data.images import ImageError, ImageSource
 from gaussian_ad.detection.scores import Scores, concat_scores
-from gaussian_ad.features.extract import collect, iter_batches, pick_levels
+from gaussian_ad.features.extract import collect, iter_batches, pick_levels, source_label
 from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.stats.arrayfile import ModelFileError, model_file_errors
 from gaussian_ad.stats.calibration import Calibration
@@ -125,7 +124,7 @@ class Detector:
         layout = PatchLayout.for_config(backbone, self.config) if self.config.patch else None
         passed = training_pass(backbone, sources, self.loader, layout, progress)
         levels = self.image_levels_of(passed.pooled)
-        keys = [_source_key(sources[i], i) for i in passed.index]
+        keys = [source_label(sources[i], i) for i in passed.index]
         folds = fold_ids(keys, seed=self.config.seed)  # the folds a store of them would get
         patches, patch_total = passed.patches, passed.patch_sums
         self.set_models(
@@ -341,8 +340,7 @@ class Detector:
         levels = [np.empty((0, d), np.float32) for d in self.model_.n_features_in_]
         patches = None
         if self.patch_layout_ is not None:
-            layout = self.patch_layout_
-            patches = np.empty((0, layout.n_positions, len(layout.channel_index)), np.float32)
+            patches = np.empty(self.patch_layout_.feature_shape(0), np.float32)
         return self.score_features(levels, patches, maps)
 
     def score_features(
@@ -480,11 +478,6 @@ def training_pass(
     patches = features.patches
     patch_sums = None if patches is None else BatchMoments.from_array(patches)
     return TrainingPass(features.pooled, features.index, patches, patch_sums, features.errors)
-
-
-def _source_key(source: ImageSource, position: int) -> str:
-    """What identifies a training image for its fold: its path, else its position."""
-    return os.fspath(source) if isinstance(source, str | os.PathLike) else f"<item {position}>"
 
 
 def _row_mask(n_rows: int, rows: np.ndarray) -> np.ndarray:

@@ -88,9 +88,9 @@ def decode_resized(
     return np.asarray(image)
 
 
-def _source_name(source: ImageSource, position: int) -> str | None:
-    """Paths label themselves in error records; in-memory sources get their position."""
-    return None if isinstance(source, str | os.PathLike) else f"<item {position}>"
+def source_label(source: ImageSource, position: int) -> str:
+    """How a source is named in error records and folds: its path, else its position."""
+    return os.fspath(source) if isinstance(source, str | os.PathLike) else f"<item {position}>"
 
 
 class InputNormalizer:
@@ -162,7 +162,7 @@ def _decode_batches(
     transforms = _per_source(transform, len(sources), "transform")
 
     def decode(position: int, source: ImageSource) -> np.ndarray | ImageError:
-        name = names[position] if names is not None else _source_name(source, position)
+        name = names[position] if names is not None else source_label(source, position)
         try:
             return decode_resized(source, size, transforms[position], name)
         except ImageDecodeError as exc:
@@ -239,12 +239,8 @@ def iter_batches(
             pooled, patches = forward(backbone, x, layout)
         else:
             pooled = [np.empty((0, d), dtype=np.float32) for d in backbone.level_dims]
-            patches = None if layout is None else _empty_patches(layout)
+            patches = None if layout is None else np.empty(layout.feature_shape(0), np.float32)
         yield Batch(index, pooled, patches, errors)
-
-
-def _empty_patches(layout: PatchLayout) -> np.ndarray:
-    return np.empty((0, layout.n_positions, len(layout.channel_index)), np.float32)
 
 
 def collect(
@@ -258,7 +254,8 @@ def collect(
     ]
     patches = None
     if layout is not None:
-        patches = np.concatenate([_empty_patches(layout), *(b.patches for b in batches)])
+        empty_patches = np.empty(layout.feature_shape(0), np.float32)
+        patches = np.concatenate([empty_patches, *(b.patches for b in batches)])
     return Features(
         index=np.concatenate([np.empty(0, np.int64), *(b.index for b in batches)]),
         pooled=pooled,

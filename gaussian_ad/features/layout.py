@@ -73,6 +73,10 @@ class PatchLayout:
             backbone, grid=config.patch_grid, n_channels=config.patch_channels, seed=config.seed
         )
 
+    def feature_shape(self, n: int) -> tuple[int, int, int]:
+        """The shape of ``n`` images' patch features: (n, positions, channels)."""
+        return n, self.n_positions, len(self.channel_index)
+
     @property
     def n_positions(self) -> int:
         return self.grid * self.grid

@@ -102,7 +102,7 @@ def extract_shard(
     layout = None if store.patch_layout is None else PatchLayout.from_dict(store.patch_layout)
     patches = None
     if layout is not None:
-        patches = np.full((n, layout.n_positions, len(layout.channel_index)), np.nan, np.float32)
+        patches = np.full(layout.feature_shape(n), np.nan, np.float32)
     valid = np.zeros(n, dtype=bool)
     errors = []
     for batch in iter_batches(backbone, paths, options, layout=layout, transform=transforms):

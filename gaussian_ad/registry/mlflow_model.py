@@ -27,6 +27,7 @@ from gaussian_ad.config import DetectorConfig, LoaderOptions
 from gaussian_ad.detection.detector import Detector
 from gaussian_ad.evaluation.evaluate import Evaluation, store_auroc
 from gaussian_ad.evaluation.report import report_data, write_report
+from gaussian_ad.features.extract import source_label
 from gaussian_ad.scoring.run import PinnedModel
 from gaussian_ad.scoring.tables import score_table
 from gaussian_ad.store.feature_store import FeatureStore
@@ -72,7 +73,7 @@ class PyfuncDetector:
         else:
             sources = list(model_input)
         result = self.detector.score(sources)
-        names = [s if isinstance(s, str) else f"<item {i}>" for i, s in enumerate(sources)]
+        names = [source_label(s, i) for i, s in enumerate(sources)]
         levels = self.detector.config.image_levels
         scored = score_table([names[i] for i in result.index], result, levels)
         table = scored.set_index(result.index).reindex(range(len(names)))
