@@ -4,6 +4,11 @@ One implementation for every caller (the CLI, the training flow, the selection):
 normal images' scores fit the fused score's :class:`Standardizer` (whenever patch scores
 exist, so every score kind can be compared) and the empirical threshold of the chosen
 score at a target false-positive rate. The threshold lives here and nowhere else.
+
+The calibration also keeps the normals' chosen scores (sorted; at most
+``MAX_NORMAL_SCORES`` quantiles of them for larger sets), so that any score reads as a
+normalised score in [0, 1]: the fraction of those held-out good images that scored lower
+(0.99: above 99% of the good training images).
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ from gaussian_ad.stats.fusion import Standardizer, fuse
 from gaussian_ad.stats.thresholds import empirical_threshold
 
 logger = logging.getLogger(__name__)
+
+MAX_NORMAL_SCORES = 1001
+"""The most normal scores a calibration keeps: larger sets keep this many evenly spaced
+quantiles (probabilities 0, 0.001, ..., 1), so the normalised score is read off a
+piecewise-linear empirical CDF within about 0.001 of the exact fraction."""
 
 
 def combine(
@@ -45,7 +55,9 @@ class Calibration:
     """The decision threshold of the chosen score and the fused score's standardiser.
 
     ``threshold`` is the empirical (1 - target_fpr) quantile of ``n_normals`` held-out
-    normal images' chosen scores.
+    normal images' chosen scores. ``normal_scores`` holds those scores, sorted (or, for
+    more than ``MAX_NORMAL_SCORES`` normals, that many evenly spaced quantiles of them); it
+    is None for calibrations saved before it existed, which then have no normalised score.
     """
 
     kind: str
@@ -53,6 +65,7 @@ class Calibration:
     target_fpr: float
     n_normals: int
     standardizer: Standardizer | None = None
+    normal_scores: tuple[float, ...] | None = None
 
     @classmethod
     def fit(
@@ -69,7 +82,14 @@ class Calibration:
         )
         chosen = combine(kind, image_scores, patch_scores, standardizer)
         threshold = empirical_threshold(chosen, target_fpr)
-        calibration = cls(kind, threshold, float(target_fpr), int(chosen.size), standardizer)
+        calibration = cls(
+            kind,
+            threshold,
+            float(target_fpr),
+            int(chosen.size),
+            standardizer,
+            _kept_scores(chosen),
+        )
         if target_fpr < calibration.smallest_fpr:
             logger.warning(
                 "%d normal images cannot resolve a false-positive rate of %g: the smallest "
@@ -89,6 +109,31 @@ class Calibration:
         """The chosen score of new images."""
         return combine(self.kind, image_scores, patch_scores, self.standardizer)
 
+    @property
+    def has_normalized(self) -> bool:
+        """Whether :meth:`normalized` is available (False for calibrations saved before
+        the normal scores were kept)."""
+        return self.normal_scores is not None
+
+    def normalized(self, scores: np.ndarray) -> np.ndarray:
+        """(n,) normalised scores in [0, 1]: the fraction of the held-out normal images whose
+        chosen score is lower than each score (NaN stays NaN).
+
+        0.99 means "scores above 99% of the good training images" (held out of the fit);
+        the threshold reads as about 1 - ``target_fpr``. With the normals' scores kept
+        whole, this is exactly ``mean(normal_scores < score)``; with quantiles kept, it is
+        interpolated between them.
+        """
+        if self.normal_scores is None:
+            raise ValueError("this calibration keeps no normal scores (saved by an older version)")
+        scores = np.asarray(scores, dtype=np.float64)
+        kept = np.asarray(self.normal_scores)
+        if self.n_normals == kept.size:
+            fraction = np.searchsorted(kept, scores, side="left") / kept.size
+        else:
+            fraction = np.interp(scores, kept, np.linspace(0.0, 1.0, kept.size))
+        return np.where(np.isnan(scores), np.nan, fraction)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; :meth:`from_dict` inverts it."""
         return {
@@ -97,15 +142,26 @@ class Calibration:
             "target_fpr": self.target_fpr,
             "n_normals": self.n_normals,
             "standardizer": None if self.standardizer is None else self.standardizer.to_dict(),
+            "normal_scores": None if self.normal_scores is None else list(self.normal_scores),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        standardizer = data.get("standardizer")
+        """The calibration of :meth:`to_dict` (older dicts have no ``normal_scores``)."""
+        standardizer, normal_scores = data.get("standardizer"), data.get("normal_scores")
         return cls(
             kind=str(data["kind"]),
             threshold=float(data["threshold"]),
             target_fpr=float(data["target_fpr"]),
             n_normals=int(data["n_normals"]),
             standardizer=None if standardizer is None else Standardizer.from_dict(standardizer),
+            normal_scores=None if normal_scores is None else tuple(float(v) for v in normal_scores),
         )
+
+
+def _kept_scores(chosen: np.ndarray) -> tuple[float, ...]:
+    """The normal scores a calibration keeps: all of them sorted, or ``MAX_NORMAL_SCORES``
+    evenly spaced quantiles of a larger set."""
+    if chosen.size > MAX_NORMAL_SCORES:
+        chosen = np.quantile(chosen, np.linspace(0.0, 1.0, MAX_NORMAL_SCORES))
+    return tuple(float(v) for v in np.sort(chosen))

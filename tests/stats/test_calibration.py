@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import pytest
 
-from gaussian_ad.stats.calibration import Calibration, combine
+from gaussian_ad.stats.calibration import MAX_NORMAL_SCORES, Calibration, combine
 from gaussian_ad.stats.fusion import Standardizer, fuse
 
 
@@ -53,3 +54,53 @@ def test_too_few_normals_for_the_target_fpr_are_said(held, caplog):
     (record,) = caplog.records
     assert "50 normal images cannot resolve a false-positive rate of 0.01" in record.getMessage()
     assert "0.02" in record.getMessage()
+
+
+@pytest.mark.parametrize("kind", ["image", "patch", "fused"])
+def test_normalized_is_the_fraction_of_calibration_normals_below(held, kind):
+    image, patch = held
+    calibration = Calibration.fit(kind, image, patch, target_fpr=0.1)
+    chosen = calibration.scores(image, patch)
+    probes = np.concatenate([chosen, np.linspace(chosen.min() - 1, chosen.max() + 1, 101)])
+    expected = (chosen[None, :] < probes[:, None]).mean(axis=1)
+    np.testing.assert_array_equal(calibration.normalized(probes), expected)
+    ordered = calibration.normalized(np.sort(probes))
+    assert np.all(np.diff(ordered) >= 0) and ordered[0] == 0.0 and ordered[-1] == 1.0
+    assert calibration.normalized(np.array([calibration.threshold]))[0] == pytest.approx(0.9)
+
+
+def test_normalized_keeps_nan_and_shape(held):
+    calibration = Calibration.fit("image", held[0], None, 0.1)
+    out = calibration.normalized(np.array([np.nan, 1e9]))
+    assert np.isnan(out[0]) and out[1] == 1.0
+    assert calibration.normalized(np.empty(0)).shape == (0,)
+
+
+def test_many_normals_keep_quantiles_close_to_the_exact_fraction():
+    rng = np.random.default_rng(1)
+    image = rng.gamma(3.0, 2.0, MAX_NORMAL_SCORES * 20)
+    calibration = Calibration.fit("image", image, None, 0.01)
+    assert len(calibration.normal_scores) == MAX_NORMAL_SCORES
+    assert calibration.n_normals == image.size
+    probes = np.quantile(image, np.linspace(0, 1, 333)) + 1e-3
+    exact = (image[None, :] < probes[:, None]).mean(axis=1)
+    np.testing.assert_allclose(calibration.normalized(probes), exact, atol=2e-3)
+    assert np.all(np.diff(calibration.normalized(np.sort(probes))) >= 0)
+
+
+def test_normal_scores_round_trip_through_json(held):
+    calibration = Calibration.fit("fused", *held, 0.05)
+    restored = Calibration.from_dict(json.loads(json.dumps(calibration.to_dict())))
+    assert restored == calibration and restored.has_normalized
+    probes = np.linspace(-5, 5, 41)
+    np.testing.assert_array_equal(restored.normalized(probes), calibration.normalized(probes))
+
+
+def test_an_older_dict_without_normal_scores_loads_without_normalized(held):
+    old = Calibration.fit("image", held[0], None, 0.05).to_dict()
+    del old["normal_scores"]
+    calibration = Calibration.from_dict(old)
+    assert calibration.normal_scores is None and not calibration.has_normalized
+    assert calibration.threshold == old["threshold"]
+    with pytest.raises(ValueError, match="no normal scores"):
+        calibration.normalized(np.array([1.0]))
