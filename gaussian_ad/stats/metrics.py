@@ -1,8 +1,10 @@
-"""Evaluation metrics: image and pixel AUROC, per-level AUROC, PRO, mean +- SEM."""
+"""Evaluation metrics: image and pixel AUROC, per-level AUROC, PRO, mean +- SEM, the confusion
+matrix at a threshold."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import label
@@ -93,3 +95,42 @@ def pro_auc(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
         y_cut = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)
         area += 0.5 * (y_cut + y0) * (max_fpr - x0)
     return float(area / max_fpr)
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """Counts of a thresholded score on labelled images (positive: anomalous)."""
+
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def fpr(self) -> float:
+        """False-positive rate: the fraction of normal images flagged (NaN without normals)."""
+        normals = self.fp + self.tn
+        return self.fp / normals if normals else float("nan")
+
+    @property
+    def recall(self) -> float:
+        """Recall (TPR): the fraction of anomalous images flagged (NaN without anomalies)."""
+        anomalies = self.tp + self.fn
+        return self.tp / anomalies if anomalies else float("nan")
+
+
+def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Confusion:
+    """The confusion matrix of ``scores > threshold`` (the detector's decision rule) against
+    ``labels`` (1 anomalous, 0 normal)."""
+    labels, scores = np.asarray(labels).ravel(), np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"{labels.size} labels and {scores.size} scores differ in length")
+    if not np.isin(labels, [0, 1]).all():
+        raise ValueError("labels must be 0 (normal) or 1 (anomalous)")
+    flagged, anomalous = scores > threshold, labels == 1
+    return Confusion(
+        tp=int(np.sum(flagged & anomalous)),
+        fp=int(np.sum(flagged & ~anomalous)),
+        tn=int(np.sum(~flagged & ~anomalous)),
+        fn=int(np.sum(~flagged & anomalous)),
+    )
