@@ -374,11 +374,14 @@ class Detector:
         return self.decide(scores)
 
     def decide(self, scores: Scores) -> Scores:
-        """Fill in the chosen score and, with a threshold, the decisions."""
+        """Fill in the chosen score and, with a threshold, the decisions and the normalised
+        score (the fraction of the calibration normals below; see ``Scores.normalized``)."""
         kind, calibration = self.config.score, getattr(self, "calibration_", None)
         if calibration is not None:
             scores.scores = calibration.scores(scores.image_scores, scores.patch_scores)
             scores.is_anomaly = scores.scores > calibration.threshold
+            if calibration.has_normalized:
+                scores.normalized = calibration.normalized(scores.scores)
         elif kind == "image":
             scores.scores = scores.image_scores
         elif kind == "patch" and scores.patch_scores is not None:

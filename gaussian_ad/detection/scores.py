@@ -16,6 +16,10 @@ class Scores:
 
     ``scores`` is the detector's chosen score (None for the fused score before
     calibration); ``is_anomaly`` is None when the detector has no threshold.
+    ``normalized`` is the chosen score as the fraction of the calibration's held-out
+    normal images that scored lower, in [0, 1] (0.99: above 99% of the good training
+    images); None without a calibration, or with one saved before it kept its normals'
+    scores.
     """
 
     index: np.ndarray
@@ -25,6 +29,7 @@ class Scores:
     scores: np.ndarray | None = None
     is_anomaly: np.ndarray | None = None
     errors: list[ImageError] = field(default_factory=list)
+    normalized: np.ndarray | None = None
 
     @property
     def image_scores(self) -> np.ndarray:
@@ -48,6 +53,7 @@ class Scores:
             pick(self.scores),
             pick(self.is_anomaly),
             self.errors,
+            pick(self.normalized),
         )
 
 
@@ -68,4 +74,5 @@ def concat_scores(parts: Sequence[Scores], errors: list[ImageError]) -> Scores:
         scores=joined("scores"),
         is_anomaly=joined("is_anomaly"),
         errors=errors,
+        normalized=joined("normalized"),
     )

@@ -45,16 +45,18 @@ def score_rows(
 ) -> tuple[pd.DataFrame, list[ImageError], int]:
     """(score rows, unreadable images, overlays written) for ``sources`` labelled ``names``.
 
-    With ``maps_root``, the overlay of every flagged image goes under
-    ``maps_root/maps_folder`` and the rows' ``map`` column names it relative to
-    ``maps_root`` (empty for the others).
+    With ``maps_root``, the overlay of every flagged image (with its legend: verdict,
+    score, normalised score, threshold, colour bar) goes under ``maps_root/maps_folder``
+    and the rows' ``map`` column names it relative to ``maps_root`` (empty for the others).
     """
     result = detector.score(sources, names=names, maps=maps_root is not None, progress=progress)
     table = score_table([names[i] for i in result.index], result, detector.config.image_levels)
     written: dict[int, str] = {}
     if maps_root is not None:
         standardizer = None if detector.calibration_ is None else detector.calibration_.standardizer
-        written = write_overlays(result, sources, names, maps_root, maps_folder, standardizer)
+        written = write_overlays(
+            result, sources, names, maps_root, maps_folder, standardizer, detector.threshold
+        )
         table["map"] = [written.get(int(i), "") for i in result.index]
     return table, result.errors, len(written)
 

@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from gaussian_ad.data.images import ImageError
@@ -14,8 +15,14 @@ from gaussian_ad.detection.scores import Scores
 
 def score_table(paths: Sequence[str], scores: Scores, levels: Sequence[int]) -> pd.DataFrame:
     """One row per scored image: path, score, score_l<level>..., [image_score, patch_score,]
-    is_anomaly (image_score and patch_score when the detector has a patch model;
-    is_anomaly is missing, not False, for a detector without a threshold)."""
+    is_anomaly, normalized_score.
+
+    image_score and patch_score come with a patch model. is_anomaly is missing, not False,
+    for a detector without a threshold. normalized_score, in [0, 1], is the fraction of the
+    calibration's held-out normal images that scored lower (0.99: above 99% of the good
+    training images); NaN without a calibration or with one saved before it kept its
+    normals' scores.
+    """
     if scores.scores is None:
         raise ValueError("no chosen score: the fused score needs a calibrated detector")
     table = pd.DataFrame({"path": list(paths), "score": scores.scores})
@@ -28,6 +35,9 @@ def score_table(paths: Sequence[str], scores: Scores, levels: Sequence[int]) -> 
         table["is_anomaly"] = pd.array([pd.NA] * len(table), dtype="boolean")
     else:
         table["is_anomaly"] = scores.is_anomaly
+    table["normalized_score"] = (
+        np.full(len(table), np.nan) if scores.normalized is None else scores.normalized
+    )
     return table
 
 
