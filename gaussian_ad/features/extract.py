@@ -8,9 +8,10 @@ with a factor of 2 the bilinear resize still dominates the result (None: full-si
 
 A thread pool decodes and resizes images into uint8 arrays while the model runs on the
 previous batch (Pillow and torch release the GIL); at most ``PREFETCH_BATCHES`` batches are
-decoded ahead. Normalisation happens on the device. On CUDA the model runs under bf16
-autocast (fp16 without bf16 support) on channels_last inputs copied from pinned memory; on
-CPU it runs in float32. Pooling is always accumulated and returned in float32.
+decoded ahead. Normalisation happens on the device, in one pass from the uint8 NHWC batch
+to a float channels_last tensor (no copy in between). The model runs channels_last
+everywhere: on CUDA under bf16 autocast (fp16 without bf16 support) on inputs copied from
+pinned memory, on CPU in float32. Pooling is always accumulated and returned in float32.
 """
 
 from __future__ import annotations
@@ -109,8 +110,7 @@ class InputNormalizer:
         if on_cuda:
             pixels = pixels.pin_memory()
         x = pixels.to(self.device, non_blocking=on_cuda).permute(0, 3, 1, 2)
-        x = x.float() * self.scale + self.shift  # NHWC storage: already channels_last
-        return x if on_cuda else x.contiguous()
+        return x.float() * self.scale + self.shift  # NHWC storage: already channels_last
 
 
 def autocast_for(device: torch.device) -> AbstractContextManager:
@@ -188,8 +188,7 @@ def _resolve_device(backbone: Backbone, device: str | torch.device | None) -> to
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
     if target != backbone.device:
-        memory_format = torch.channels_last if target.type == "cuda" else torch.contiguous_format
-        backbone.to(target, memory_format=memory_format)
+        backbone.to(target, memory_format=torch.channels_last)
     return target
 
 

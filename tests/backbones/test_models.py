@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,9 @@ def lite_input(image: np.ndarray, size: int) -> torch.Tensor:
 
 def test_lite0_package_weights_predict_a_cat(lite0):
     state = torch.load(lite_package_weights("lite0"), map_location="cpu", weights_only=True)
-    converted = lukemelas_to_timm(state, lite0.model)
-    assert set(converted) == set(lite0.model.state_dict())
+    unfolded = timm.create_model(lite0.spec.timm_name, pretrained=False)
+    converted = lukemelas_to_timm(state, unfolded)
+    assert set(converted) == set(unfolded.state_dict())
     with torch.inference_mode():
         logits = lite0.classifier_logits(lite_input(chelsea(), 224))
     assert int(logits.argmax()) in IMAGENET_CATS
@@ -76,6 +78,47 @@ def test_level_dims(name, dims):
     assert backbone.level_dims == dims
     pooled = backbone(torch.zeros(2, 3, 64, 64))
     assert [tuple(p.shape) for p in pooled] == [(2, d) for d in dims]
+
+
+def _perturb_batchnorm(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters (random weights have none)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("name", ["lite0", "b0", "resnet18", "resnet50"])
+def test_folded_batchnorm_computes_the_same_features(name):
+    spec = BACKBONES[name]
+    model = timm.create_model(spec.timm_name, pretrained=False).eval()
+    _perturb_batchnorm(model, seed=0)
+    reference = backbones.Backbone(copy.deepcopy(model), spec)
+    n_batchnorm = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert backbones.fold_batchnorm(model) == n_batchnorm
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    folded = backbones.Backbone(model.to(memory_format=torch.channels_last), spec)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = reference(x)
+        actual = folded(x.contiguous(memory_format=torch.channels_last))
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+
+
+def test_load_backbone_folds_and_keeps_the_fingerprint_of_the_loaded_weights(lite0):
+    unfolded = load_backbone("lite0", device="cpu", fold=False)
+    assert lite0.weights_fingerprint == unfolded.weights_fingerprint
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0.modules())
+    x = lite_input(chelsea(), 224)
+    with torch.inference_mode():
+        for a, e in zip(lite0(x), unfolded(x), strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
 
 def test_selected_levels_and_early_stop(lite0):
@@ -232,7 +275,7 @@ def test_weights_from_torch_hub_cache(empty_hub_cache):
     url = timm.models.get_pretrained_cfg(BACKBONES["b0"].timm_name).url
     checkpoints = empty_hub_cache / "torch_home" / "hub" / "checkpoints"
     state = _save_random_b0(checkpoints / url.rsplit("/", 1)[-1])
-    backbone = load_backbone("b0", device="cpu")
+    backbone = load_backbone("b0", device="cpu", fold=False)
     torch.testing.assert_close(backbone.model.conv_stem.weight, state["conv_stem.weight"])
 
 
@@ -242,5 +285,5 @@ def test_weights_from_huggingface_cache(empty_hub_cache):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     state = _save_random_b0(repo / "snapshots" / revision / "model.safetensors")
-    backbone = load_backbone("b0", device="cpu")
+    backbone = load_backbone("b0", device="cpu", fold=False)
     torch.testing.assert_close(backbone.model.conv_stem.weight, state["conv_stem.weight"])
