@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,6 +53,11 @@ def artifact_location(uri: str, path: str | None = None) -> str | None:
     if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
         return (work_dir(path) / "mlartifacts").as_uri()
     return None
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key made of ``parts``: lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
 def dask_runner(address: str | None = None) -> DaskTaskRunner:

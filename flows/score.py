@@ -1,7 +1,8 @@
 """Scoring flow: source -> listing -> shard plan -> score (model loaded once per worker) ->
-per-shard Parquet parts written atomically -> summary. The output folder records the run
-(source listing, shard plan, pinned model version, threshold): a rerun continues exactly
-that plan or is refused; a second run on the same folder at the same time is refused."""
+per-shard Parquet parts written atomically -> summary, published as the Prefect table
+artifact ``score-<source name>``. The output folder records the run (source listing, shard
+plan, pinned model version, threshold): a rerun continues exactly that plan or is refused;
+a second run on the same folder at the same time is refused."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from gaussian_ad_flows.runtime import dask_runner, gpu_annotation, tracking_uri
+from gaussian_ad_flows.runtime import artifact_key, dask_runner, gpu_annotation, tracking_uri
 from gaussian_ad_tasks.score import list_source_task, score_shard_task
 from prefect import flow
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from gaussian_ad.config import DEFAULT_LOADER, LoaderOptions
@@ -20,9 +22,14 @@ from gaussian_ad.scoring.outputs import part_path
 from gaussian_ad.scoring.run import claim, open_run, summarize
 
 
+def _source_name(source: str) -> str:
+    """The last component of a source (folder, archive, URL), or the whole of it."""
+    source = str(source).rstrip("/")
+    return Path(source).name or source
+
+
 def _run_name() -> str:
-    source = str(flow_run.parameters.get("source", "")).rstrip("/")
-    return f"score-{Path(source).name or source}"
+    return f"score-{_source_name(flow_run.parameters.get('source', ''))}"
 
 
 @flow(name="score", flow_run_name=_run_name, log_prints=True, task_runner=dask_runner())
@@ -71,4 +78,17 @@ def score(
     )
     if len(errors):
         print(errors[["path", "reason"]].head(20).to_string(index=False))
+    create_table_artifact(
+        [
+            {
+                "scored": summary["scored"],
+                "anomalous": summary["anomalies"],
+                "errors": summary["errors"],
+                "model": summary["model"],
+                "output folder": summary["out"],
+            }
+        ],
+        key=artifact_key("score", _source_name(source)),
+        description=f"Scoring of {source}: images scored, flagged and unreadable",
+    )
     return summary

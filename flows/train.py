@@ -1,6 +1,7 @@
-"""Training flows: manifest -> [configuration chosen on synthetic defects] -> sharded
-extraction into Zarr -> Dask statistics -> fit -> evaluation -> MLflow run, registered
-version, challenger/champion aliases."""
+"""Training flows: manifest -> MLflow run opened -> [configuration chosen on synthetic
+defects] -> sharded extraction into Zarr -> Dask statistics -> fit -> evaluation -> logged
+into the run, registered version, champion/challenger aliases -> run closed -> the headline
+figures as a Prefect markdown artifact."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from gaussian_ad_flows.options import TrainOptions
 from gaussian_ad_flows.runtime import (
+    artifact_key,
     artifact_location,
     dask_runner,
     gpu_annotation,
@@ -22,10 +24,12 @@ from gaussian_ad_tasks.manifest import build_manifest
 from gaussian_ad_tasks.register import register_model
 from gaussian_ad_tasks.select import select_task
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from gaussian_ad.data.images import mvtec_categories
 from gaussian_ad.evaluation.selection import Selection
-from gaussian_ad.registry.mlflow_model import incremental_base
+from gaussian_ad.registry.mlflow_model import incremental_base, training_run, training_summary
 from gaussian_ad.store.plan import TrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -34,7 +38,11 @@ DEFAULTS = TrainOptions()
 
 @flow(name="train", flow_run_name="train-{category}", log_prints=True, task_runner=dask_runner())
 def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> dict[str, Any]:
-    """Train, evaluate and register the model of one MVTec-layout category (see TrainOptions)."""
+    """Train, evaluate and register the model of one MVTec-layout category (see TrainOptions).
+
+    One MLflow run spans the training, from the selection or extraction to the registration;
+    the flow run publishes the headline figures as the markdown artifact ``train-<category>``.
+    """
     records, fingerprint = build_manifest(data_root, category)
     config, loader = options.detector, options.loader
     plan = TrainingPlan.from_manifest(records, options.augment_passes)
@@ -44,57 +52,71 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
         base_path = str(models / f"base-{uuid.uuid4().hex}.safetensors")
         config = incremental_base(options.incremental_from, config, loader, base_path)
         plan = plan.with_new_normals(options.new_images, category)
-    selection = None
-    if options.select:
-        selection = select_task.submit(
-            [r.path for r in plan.fit],
-            config,
-            loader,
-            options.select_per_kind,
-            options.select_grid,
-        ).result()
-        config = Selection.from_dict(selection).best.config(config)
-        print(f"[{category}] selected {selection['best']} of {len(selection['results'])}")
-    url = plan.store_url(work_dir(options.home), category, fingerprint, config)
-    pending = prepare_store(url, plan, config, loader, options.shard_size)
-    print(f"[{category}] {len(plan.rows()[0])} rows, {len(pending)} shard(s) to extract -> {url}")
-    with gpu_annotation():
-        futures = [extract_shard_task.submit(url, shard, config, loader) for shard in pending]
-    shards = [future.result() for future in futures]
-    rows = plan.row_index()
-    model_path = str(models / f"{uuid.uuid4().hex}.safetensors")
-    heldout = fit_statistics.submit(
-        url, rows["fit"], config, model_path, base_path, options.target_fpr
-    ).result()
-    evaluation = evaluate.submit(url, model_path, loader, heldout, rows["test"]).result()
     uri = tracking_uri(options.home)
-    params = {
-        "category": category,
-        "augment_passes": options.augment_passes,
-        "n_calibration": len(heldout),
-        "n_test": len(plan.test),
-        "data_fingerprint": fingerprint,
-        "target_fpr": options.target_fpr,
-        "incremental_from": options.incremental_from or "",
-        "select": options.select,
-    }
-    run = {
-        "params": params,
-        "category": category,
-        "tolerance": options.promotion_tolerance,
-        "selection": selection,
-    }
-    tracking = (uri, options.experiment, artifact_location(uri, options.home))
-    record = register_model.submit(tracking, url, model_path, loader, evaluation, run).result()
-    metrics = evaluation.summary_metrics()
+    tags = {"category": category, "data_root": data_root, "prefect_flow_run_id": flow_run.get_id()}
+    with training_run(
+        uri,
+        options.experiment,
+        artifact_location(uri, options.home),
+        f"{category}-{config.backbone}",
+        tags,
+    ) as run_id:
+        selection = None
+        if options.select:
+            selection = select_task.submit(
+                [r.path for r in plan.fit],
+                config,
+                loader,
+                options.select_per_kind,
+                options.select_grid,
+            ).result()
+            config = Selection.from_dict(selection).best.config(config)
+            print(f"[{category}] selected {selection['best']} of {len(selection['results'])}")
+        url = plan.store_url(work_dir(options.home), category, fingerprint, config)
+        pending = prepare_store(url, plan, config, loader, options.shard_size)
+        n_rows = len(plan.rows()[0])
+        print(f"[{category}] {n_rows} rows, {len(pending)} shard(s) to extract -> {url}")
+        with gpu_annotation():
+            futures = [extract_shard_task.submit(url, shard, config, loader) for shard in pending]
+        shards = [future.result() for future in futures]
+        rows = plan.row_index()
+        model_path = str(models / f"{uuid.uuid4().hex}.safetensors")
+        heldout = fit_statistics.submit(
+            url, rows["fit"], config, model_path, base_path, options.target_fpr
+        ).result()
+        evaluation = evaluate.submit(url, model_path, loader, heldout, rows["test"]).result()
+        params = {
+            "category": category,
+            "data_root": data_root,
+            "augment_passes": options.augment_passes,
+            "n_calibration": len(heldout),
+            "n_test": len(plan.test),
+            "data_fingerprint": fingerprint,
+            "target_fpr": options.target_fpr,
+            "incremental_from": options.incremental_from or "",
+            "select": options.select,
+        }
+        run = {
+            "params": params,
+            "category": category,
+            "tolerance": options.promotion_tolerance,
+            "selection": selection,
+        }
+        record = register_model.submit((uri, run_id), url, model_path, loader, evaluation, run)
+        record = record.result()
+    create_markdown_artifact(
+        training_summary(record, uri),
+        key=artifact_key("train", category),
+        description=f"{category}: headline figures and promotion decision of this training",
+    )
     print(
-        f"[{category}] {config.score} AUROC {metrics['auroc']:.4f}; "
+        f"[{category}] {config.score} AUROC {record.auroc:.4f}; "
         f"registered {record.name} v{record.version}"
         f" ({'champion' if record.promoted else 'challenger'}): {record.reason}"
     )
     return {
         "category": category,
-        **metrics,
+        **record.metrics,
         "score": config.score,
         "auroc_levels": evaluation.auroc_levels,
         "selection": selection,
@@ -103,6 +125,8 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
         "promoted": record.promoted,
         "reason": record.reason,
         "run_id": record.run_id,
+        "experiment_id": record.experiment_id,
+        "flow_run_id": flow_run.get_id(),
         "store": url,
         "shards": shards,
     }

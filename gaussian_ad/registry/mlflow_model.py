@@ -8,12 +8,13 @@ The backbone weights are referenced by name (or path), never copied per version.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import re
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
 from gaussian_ad.detection.detector import Detector
@@ -59,7 +62,9 @@ class PyfuncDetector:
         self.detector = detector
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Score image paths (a "path" column, a list or a Series) or arrays (N, H, W, 3).
+        """Score image paths or URIs: a "path" column (the registered model's signature, see
+        :func:`detector_signature`), or, called directly, a list or Series of paths or
+        arrays (N, H, W, 3).
 
         Returns one row per input: path (or the array position), score, per-level
         scores score_l<level>, image_score and patch_score (with a patch model),
@@ -88,8 +93,19 @@ def _load_pyfunc(data_path: str) -> PyfuncDetector:
     return PyfuncDetector(Detector.load(Path(data_path) / MODEL_FILE))
 
 
+def detector_signature(detector: Detector) -> ModelSignature:
+    """The pyfunc's contract: a "path" column of image paths or URIs in, and out the columns
+    :meth:`PyfuncDetector.predict` returns, in its order."""
+    outputs = [ColSpec("string", "path"), ColSpec("double", "score")]
+    outputs += [ColSpec("double", f"score_l{level}") for level in detector.config.image_levels]
+    if detector.patch_model_ is not None:
+        outputs += [ColSpec("double", "image_score"), ColSpec("double", "patch_score")]
+    outputs += [ColSpec("boolean", "is_anomaly"), ColSpec("string", "error")]
+    return ModelSignature(inputs=Schema([ColSpec("string", "path")]), outputs=Schema(outputs))
+
+
 def log_detector(detector: Detector, name: str = "model") -> mlflow.models.model.ModelInfo:
-    """Log the detector as a pyfunc model into the active run."""
+    """Log the detector as a pyfunc model, with its signature, into the active run."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "detector"
         data.mkdir()
@@ -99,6 +115,7 @@ def log_detector(detector: Detector, name: str = "model") -> mlflow.models.model
             loader_module=__name__,
             data_path=str(data),
             pip_requirements=PIP_REQUIREMENTS,
+            signature=detector_signature(detector),
         )
 
 
@@ -147,14 +164,22 @@ def champion(name: str, client: MlflowClient | None = None) -> VersionRef | None
 
 
 def register(
-    model_uri: str, name: str, tags: dict[str, Any], client: MlflowClient | None = None
+    model_uri: str,
+    name: str,
+    tags: dict[str, Any],
+    client: MlflowClient | None = None,
+    description: str | None = None,
 ) -> VersionRef:
-    """Register ``model_uri`` as a new version of ``name``, tag it, alias it challenger."""
+    """Register ``model_uri`` as a new version of ``name`` with its tags and description.
+
+    Aliases are left to :func:`assign_aliases`, which knows whether it was promoted.
+    """
     client = client or MlflowClient()
     mv = mlflow.register_model(model_uri, name)
     for key, value in tags.items():
         client.set_model_version_tag(name, mv.version, key, str(value))
-    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    if description:
+        client.update_model_version(name, mv.version, description=description)
     return VersionRef(name, str(mv.version), {k: str(v) for k, v in tags.items()})
 
 
@@ -175,9 +200,19 @@ def decide_promotion(
     )
 
 
-def promote(name: str, version: str, client: MlflowClient | None = None) -> None:
-    """Point the champion alias at ``version``."""
-    (client or MlflowClient()).set_registered_model_alias(name, CHAMPION, version)
+def assign_aliases(
+    name: str, version: str, promoted: bool, client: MlflowClient | None = None
+) -> None:
+    """Aliases that tell the truth: ``champion`` is the promoted version; ``challenger`` is
+    the newest version that lost to the current champion, or absent (a promotion clears it,
+    so a first version is champion only)."""
+    client = client or MlflowClient()
+    if not promoted:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        return
+    client.set_registered_model_alias(name, CHAMPION, version)
+    if CHALLENGER in client.get_registered_model(name).aliases:
+        client.delete_registered_model_alias(name, CHALLENGER)
 
 
 EXPERIMENT_TAGS = {
@@ -190,57 +225,95 @@ EXPERIMENT_TAGS = {
 }
 
 
-def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
+def ensure_experiment(
+    name: str, artifact_location: str | None = None, client: MlflowClient | None = None
+) -> str:
     """The experiment's id, creating it (with ``artifact_location``) when missing; tagged
     so that MLflow's UI opens it as a model-training experiment."""
-    experiment = mlflow.get_experiment_by_name(name)
+    client = client or MlflowClient()
+    experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+        experiment_id = client.create_experiment(name, artifact_location=artifact_location)
     else:
         experiment_id = experiment.experiment_id
-    client = MlflowClient()
     for key, value in EXPERIMENT_TAGS.items():
         client.set_experiment_tag(experiment_id, key, value)
     return experiment_id
 
 
+@contextlib.contextmanager
+def training_run(
+    tracking_uri: str,
+    experiment: str,
+    artifact_location: str | None,
+    run_name: str,
+    tags: dict[str, str],
+) -> Iterator[str]:
+    """An MLflow run that spans a whole training, so that its duration is the training's.
+
+    Created on entry (in ``experiment``, made when missing), its id is yielded for the tasks
+    that log into it (:func:`record_training`); ended FINISHED on exit, FAILED when the
+    training raises (KILLED when it is interrupted).
+    """
+    client = MlflowClient(tracking_uri)
+    experiment_id = ensure_experiment(experiment, artifact_location, client)
+    run_id = client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+    logger.info("MLflow run %s (%s) started in experiment %s", run_id, run_name, experiment_id)
+    try:
+        yield run_id
+    except BaseException as error:
+        client.set_terminated(run_id, "FAILED" if isinstance(error, Exception) else "KILLED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
 @dataclass(frozen=True)
 class TrainingRecord:
-    """What a training run left in MLflow."""
+    """What a training run left in MLflow: the run, the version, the promotion decision and
+    the run's headline metrics (:func:`headline_metrics`)."""
 
     run_id: str
+    experiment_id: str
     name: str
     version: str
+    score: str
     promoted: bool
     reason: str
     auroc: float
     champion_auroc: float | None
+    champion_version: str | None
+    metrics: dict[str, float]
+
+
+LEVELS_ARTIFACT = "chi2_levels.json"
 
 
 def record_training(
+    run_id: str,
     detector: Detector,
     evaluation: Evaluation,
     store: FeatureStore,
     params: dict[str, Any],
     category: str,
     tolerance: float = 0.0,
-    experiment_id: str | None = None,
     selection: dict[str, Any] | None = None,
 ) -> TrainingRecord:
-    """One MLflow run: params, metrics, report, model; register, tag, alias, promote.
+    """Log into the training's run (see :func:`training_run`): params, headline metrics, the
+    per-level report (:data:`LEVELS_ARTIFACT`), the HTML report and the model; register it
+    with tags and a description, set the aliases, describe the registered model.
 
     The current champion is scored on this run's test rows of ``store`` (see
     :func:`store_auroc`), so promotion compares both models on the same images, by each
     model's chosen score. ``selection`` (:meth:`Selection.to_dict`) is logged as
-    ``selection.json``, one ``select_auroc_<candidate>`` metric per candidate, and tags of
-    the version.
+    ``selection.json`` and named in the version's ``selection`` tag. ``params`` may name
+    the ``data_root``, which the descriptions quote.
     """
     client = MlflowClient()
     name = registered_name(category)
     config = detector.config
     levels = list(config.image_levels)
-    chosen_auroc = evaluation.auroc
-    params = {**config.to_dict(), "n_train": detector.model_.n_samples_, **params}
+    n_train = detector.model_.n_samples_
+    params = {**config.to_dict(), "n_train": n_train, **params}
     test = store.manifest.iloc[evaluation.test.index]
     report = report_data(
         f"{category}: {config.backbone}, levels {levels}, {config.score} score",
@@ -249,13 +322,14 @@ def record_training(
         test["defect"].tolist(),
         params,
     )
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{category}-{config.backbone}"):
-        run_id = mlflow.active_run().info.run_id
+    metrics = headline_metrics(evaluation, n_train)
+    with mlflow.start_run(run_id=run_id) as run:
+        experiment_id = run.info.experiment_id
         mlflow.log_params(params)
-        mlflow.log_metrics(run_metrics(evaluation, levels, selection))
+        mlflow.log_metrics(metrics)
         if selection is not None:
             mlflow.log_dict(selection, "selection.json")
-        mlflow.log_dict(evaluation.thresholds.thresholds, "thresholds.json")
+        mlflow.log_dict(level_report(evaluation, levels), LEVELS_ARTIFACT)
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(write_report(report, Path(tmp) / "report.html")))
         info = log_detector(detector, name)
@@ -265,64 +339,211 @@ def record_training(
             previous_model = load_detector(f"models:/{name}/{current.version}", detector.loader)
             previous = store_auroc(previous_model, store, evaluation.test.index)
             mlflow.log_metric("champion_auroc", previous)
-        promoted, reason = decide_promotion(chosen_auroc, previous, tolerance)
+        promoted, reason = decide_promotion(evaluation.auroc, previous, tolerance)
         mlflow.set_tags({"promoted": str(promoted), "promotion_reason": reason})
-    tags = version_tags(detector, evaluation, params, reason, selection)
-    version = register(info.model_uri, name, tags, client)
-    if promoted:
-        promote(name, version.version, client)
-    return TrainingRecord(run_id, name, version.version, promoted, reason, chosen_auroc, previous)
+    outcome = TrainingRecord(
+        run_id,
+        experiment_id,
+        name,
+        "",
+        config.score,
+        promoted,
+        reason,
+        evaluation.auroc,
+        previous,
+        current.version if current else None,
+        metrics,
+    )
+    tags = version_tags(detector, evaluation, params, promoted, selection)
+    description = version_description(category, params, evaluation, outcome)
+    version = register(info.model_uri, name, tags, client, description).version
+    assign_aliases(name, version, promoted, client)
+    outcome = replace(outcome, version=version)
+    client.update_registered_model(name, description=model_description(category, outcome, current))
+    logger.info("%s v%s: %s", name, version, reason)
+    return outcome
 
 
-def run_metrics(
-    evaluation: Evaluation, levels: list[int], selection: dict[str, Any] | None
-) -> dict[str, float]:
-    """The run's metrics: the evaluation's, per level, per selection candidate, thresholds."""
-    metrics = evaluation.summary_metrics()
-    per_level = zip(levels, evaluation.auroc_levels, strict=True)
-    metrics |= {f"auroc_l{level}": value for level, value in per_level}
-    if selection is not None:
-        metrics |= {
-            f"select_auroc_{candidate_key(row)}": row["auroc"] for row in selection["results"]
+def headline_metrics(evaluation: Evaluation, n_train: int) -> dict[str, float]:
+    """The run's metrics, headline figures only.
+
+    AUROC of the chosen score and of every score kind, the threshold, pixel AUROC and PRO
+    where masks exist (:meth:`Evaluation.summary_metrics`); at the threshold, the FPR on
+    the test normals (``test_fpr``), the recall on the test anomalies (``test_recall``)
+    and the FPR on the held-out (out-of-fold) normals (``heldout_fpr``); ``n_train``.
+    Per-level figures go to :func:`level_report`.
+    """
+    flagged = np.asarray(evaluation.test.is_anomaly, dtype=bool)
+    normal = np.asarray(evaluation.labels) == 0
+    return {
+        **evaluation.summary_metrics(),
+        "test_fpr": float(flagged[normal].mean()),
+        "test_recall": float(flagged[~normal].mean()),
+        "heldout_fpr": float(np.mean(evaluation.heldout.is_anomaly)),
+        "n_train": float(n_train),
+    }
+
+
+def level_report(evaluation: Evaluation, levels: list[int]) -> dict[str, Any]:
+    """Per-level figures, JSON-ready (the run's :data:`LEVELS_ARTIFACT`).
+
+    ``auroc``: test AUROC per level. ``chi2``: per rule (``sigma1``-``sigma5``,
+    ``fpr0.01``, ...) its predicted FPR and, per level, the chi-square threshold, the FPR
+    observed on the held-out (out-of-fold) normals and the TPR on the test anomalies.
+    ``empirical``: the summed score's empirical thresholds with their test-normal FPR and
+    TPR. Lists align with ``levels``.
+    """
+    thresholds, rates = evaluation.thresholds.thresholds, evaluation.thresholds.metrics
+    chi2 = {}
+    for key, per_level in thresholds.items():
+        if not key.startswith("chi2_"):
+            continue
+        chi2[key.removeprefix("chi2_")] = {
+            "predicted_fpr": rates[f"{key}_predicted_fpr"],
+            "threshold": per_level,
+            "observed_fpr": [rates[f"{key}_l{level}_observed_fpr"] for level in levels],
+            "tpr": [rates[f"{key}_l{level}_tpr"] for level in levels],
         }
-    return {**metrics, **evaluation.thresholds.metrics}
+    empirical = {
+        key.removeprefix("empirical_"): {
+            "threshold": value,
+            "test_normal_fpr": rates[f"{key}_test_normal_fpr"],
+            "tpr": rates[f"{key}_tpr"],
+        }
+        for key, value in thresholds.items()
+        if key.startswith("empirical_")
+    }
+    return {
+        "levels": levels,
+        "auroc": evaluation.auroc_levels,
+        "chi2": chi2,
+        "empirical": empirical,
+    }
 
 
 def version_tags(
     detector: Detector,
     evaluation: Evaluation,
     params: dict[str, Any],
-    reason: str,
+    promoted: bool,
     selection: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The registered version's tags: headline figures, configuration, provenance."""
+    """The registered version's tags, each one short: headline figures, configuration,
+    provenance. The reason for the promotion decision is in the version's description."""
     config = detector.config
     tags = {
         "auroc": f"{evaluation.auroc:.6f}",
         "score": config.score,
         "patch": str(detector.patch_model_ is not None),
         "threshold": f"{evaluation.threshold:.6f}",
-        "thresholds": json.dumps(evaluation.thresholds.thresholds),
         "backbone": config.backbone,
         "levels": ",".join(map(str, config.image_levels)),
         "n_train": params["n_train"],
         "data_fingerprint": params.get("data_fingerprint", ""),
-        "promotion_reason": reason,
+        "promoted": str(promoted),
     }
     if evaluation.pixel_auroc is not None:
-        tags |= {"pixel_auroc": f"{evaluation.pixel_auroc:.6f}"}
+        tags |= {"pixel_auroc": f"{evaluation.pixel_auroc:.6f}", "pro": f"{evaluation.pro:.6f}"}
     if selection is not None:
-        tags |= {
-            "selection": json.dumps(selection["best"]),
-            "selection_results": json.dumps(
-                {candidate_key(row): round(row["auroc"], 6) for row in selection["results"]}
-            ),
-        }
+        tags |= {"selection": candidate_key(selection["best"])}
     return tags
 
 
+def version_description(
+    category: str, params: dict[str, Any], evaluation: Evaluation, outcome: TrainingRecord
+) -> str:
+    """The version's description in words: what it was trained on, its AUROC against the
+    champion's on the same test images, and why it was or was not promoted."""
+    n_test, n_anomalous = len(evaluation.labels), int(np.sum(evaluation.labels))
+    origin = f" from `{params['data_root']}`" if params.get("data_root") else ""
+    levels = ",".join(map(str, params["levels"]))
+    text = (
+        f"Trained on {params['n_train']} good images of **{category}**{origin} "
+        f"(data fingerprint `{params.get('data_fingerprint', '')[:16]}`): {params['backbone']}, "
+        f"levels {levels}, {outcome.score} score. Test AUROC {outcome.auroc:.4f} on "
+        f"{n_test} test images ({n_anomalous} anomalous)"
+    )
+    if outcome.champion_auroc is None:
+        text += "; there was no champion to compare with."
+    else:
+        text += (
+            f"; the champion (v{outcome.champion_version}) scored "
+            f"{outcome.champion_auroc:.4f} on the same images."
+        )
+    verdict = "Promoted to champion" if outcome.promoted else "Not promoted"
+    return f"{text}\n\n{verdict}: {outcome.reason}."
+
+
+def model_description(category: str, outcome: TrainingRecord, previous: VersionRef | None) -> str:
+    """The registered model's description: what it detects, its champion, the last training."""
+    text = (
+        f"Anomaly detector for **{category}** images: a Gaussian model of frozen EfficientNet "
+        "features (Rippel et al. 2020), fitted on good images only.\n\n"
+    )
+    if outcome.promoted:
+        text += (
+            f"Champion: v{outcome.version}, AUROC {outcome.auroc:.4f} on its test images, "
+            f"trained on {int(outcome.metrics['n_train'])} images."
+        )
+    elif previous is not None:
+        text += (
+            f"Champion: v{previous.version}, AUROC {float(previous.tags['auroc']):.4f} on its "
+            f"test images, trained on {previous.tags['n_train']} images."
+        )
+    verdict = "promoted" if outcome.promoted else "not promoted (alias challenger)"
+    return text + f"\n\nLast training: v{outcome.version}, {verdict}: {outcome.reason}."
+
+
+def ui_url(tracking_uri: str, fragment: str) -> str | None:
+    """The MLflow UI page ``#/<fragment>`` of an http(s) tracking server, else None."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/{fragment}"
+
+
+def training_summary(record: TrainingRecord, tracking_uri: str) -> str:
+    """A training's headline figures and promotion decision as Markdown, with links to the
+    MLflow run and model version when the tracking server speaks http."""
+    m = record.metrics
+    rows = [(f"AUROC ({record.score} score, ranks and promotes)", f"{m['auroc']:.4f}")]
+    rows += [
+        (f"AUROC, {key.removeprefix('auroc_')} score", f"{value:.4f}")
+        for key, value in m.items()
+        if key.startswith("auroc_") and key != f"auroc_{record.score}"
+    ]
+    if "pixel_auroc" in m:
+        rows += [("pixel AUROC", f"{m['pixel_auroc']:.4f}"), ("PRO", f"{m['pro']:.4f}")]
+    rows += [
+        ("threshold", f"{m['threshold']:.4f}"),
+        ("FPR at the threshold, test normals", f"{m['test_fpr']:.4f}"),
+        ("recall at the threshold, test anomalies", f"{m['test_recall']:.4f}"),
+        ("FPR at the threshold, held-out normals (out of fold)", f"{m['heldout_fpr']:.4f}"),
+        ("training images", f"{int(m['n_train'])}"),
+    ]
+    if record.champion_auroc is not None:
+        rows += [
+            (
+                f"champion v{record.champion_version}, AUROC on the same test images",
+                f"{record.champion_auroc:.4f}",
+            )
+        ]
+    rows += [("promoted", f"{'yes' if record.promoted else 'no'}: {record.reason}")]
+    table = "\n".join(f"| {label} | {value} |" for label, value in rows)
+    run_page = ui_url(tracking_uri, f"experiments/{record.experiment_id}/runs/{record.run_id}")
+    version_page = ui_url(tracking_uri, f"models/{record.name}/versions/{record.version}")
+    if run_page and version_page:
+        links = f"[MLflow run]({run_page}) · [model version {record.version}]({version_page})"
+    else:
+        links = f"MLflow run `{record.run_id}` in `{tracking_uri}`"
+    status = "champion" if record.promoted else "not promoted"
+    return (
+        f"## {record.name} v{record.version}: {status}\n\n"
+        f"| figure | value |\n| --- | --- |\n{table}\n\n{links}\n"
+    )
+
+
 def candidate_key(candidate: dict[str, Any]) -> str:
-    """A metric-safe name of a selection candidate: ``<score>`` or ``<score>_L<levels>[_<r>]``."""
+    """A short name of a selection candidate: ``<score>`` or ``<score>_L<levels>[_<r>]``."""
     if candidate["levels"] is None:
         return candidate["score"]
     key = f"{candidate['score']}_L{candidate['levels'].replace(',', '.')}"
