@@ -1,9 +1,16 @@
-"""Self-contained HTML evaluation report: ROC, score histograms, per-level and per-defect AUROC,
-and the most anomalous test images.
+"""Self-contained HTML evaluation report, laid out for the engineer who acts on it.
+
+In page order: the verdict (category, model version, champion or not and why, AUROC, pixel
+AUROC and PRO, the decision threshold and the test set's confusion matrix at it, the FPR of
+the held-out normals at it); the ROC and PRO curves, the score histograms with the threshold
+and the per-defect recall and AUROC; a gallery of the false positives, the false negatives
+and the most anomalous images (image | ground truth | overlay, one colour scale shown by a
+colour bar); then the per-level AUROC, the per-level chi-square thresholds, the parameters
+and the remaining metrics.
 
 Figures are drawn on ``matplotlib.figure.Figure`` with an explicit Agg canvas (pyplot and the
-global backend are never touched) and embedded as base64 PNG; thumbnails are embedded as base64
-JPEG, so the report is a single file with no external assets.
+global backend are never touched) and embedded as base64 PNG; thumbnails are embedded as
+base64 JPEG (masks as PNG), so the report is a single file with no external assets.
 """
 
 from __future__ import annotations
@@ -20,41 +27,89 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from gaussian_ad.data.images import load_masks
 from gaussian_ad.scoring.overlays import overlay
+from gaussian_ad.stats.metrics import Confusion, confusion, pro_curve
 from gaussian_ad.stats.thresholds import observed_rate
 
 if TYPE_CHECKING:  # the report itself needs no torch
     from gaussian_ad.evaluation.evaluate import Evaluation
+    from gaussian_ad.stats.calibration import Calibration
 
 FIGURE_DPI = 100
-N_WORST = 8  # most anomalous test images shown, each with its map when there is one
-THRESHOLD_COLORS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+N_WORST = 8  # most anomalous test images shown
+N_ERRORS = 24  # false positives (and false negatives) shown at most
+MAP_COLORMAP = "jet"  # the colormap of gaussian_ad.scoring.overlays.overlay, for the colour bar
+PRO_POINTS = 501  # the PRO curve is kept at this many evenly spaced FPRs
+THRESHOLD_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+DECISION_COLOR = "#d62728"
 
 CSS = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px;
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1em auto; max-width: 1400px;
        padding: 0 1em; color: #222; }
-h1 { font-size: 1.4em; margin-bottom: .2em; } h2 { font-size: 1.1em; margin: 1.2em 0 .4em; }
-.summary { color: #555; margin-top: 0; }
+h1 { font-size: 1.35em; margin: 0 0 .2em; } h2 { font-size: 1.15em; margin: 1.4em 0 .4em; }
+h3 { font-size: 1em; margin: 1em 0 .3em; }
+section { border-top: 1px solid #ddd; } #verdict { border-top: none; }
+.meta { margin: .2em 0 .6em; color: #444; }
+.badge { display: inline-block; padding: 0 .5em; border-radius: 3px; font-weight: 600;
+         color: #fff; background: #777; } .badge.champion { background: #2ca02c; }
+.badge.challenger { background: #d62728; }
+.tiles { display: flex; flex-wrap: wrap; gap: .8em; margin: .4em 0; }
+.tile { border: 1px solid #ccc; border-radius: 4px; padding: .3em .8em; min-width: 8em; }
+.tile .value { font-size: 1.6em; font-weight: 600; font-variant-numeric: tabular-nums; }
+.tile .name { color: #555; font-size: 12px; }
+.decision { font-size: 1.05em; margin: .5em 0; }
 .row { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
 table { border-collapse: collapse; } caption { text-align: left; font-weight: 600; }
-td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; }
+td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; vertical-align: top; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-figure { margin: 0; } .thumb figcaption { font-size: 12px; word-break: break-all; }
-.thumb { width: %(thumb)dpx; }
+#confusion td.num { font-size: 1.2em; font-weight: 600; min-width: 4em; }
+#confusion td.bad { background: #fdecea; } #confusion td.good { background: #eaf6ea; }
+.note { color: #555; font-size: 12px; margin: .2em 0; }
+figure { margin: 0; }
+.item { display: flex; gap: 4px; align-items: flex-start; border: 1px solid #ddd;
+        padding: 4px; }
+.item figcaption { font-size: 12px; width: 9em; overflow-wrap: anywhere; }
+.cell { max-width: %(thumb)dpx; text-align: center; font-size: 11px; color: #555; }
+.cell img { display: block; max-width: %(thumb)dpx; }
 .placeholder { width: %(thumb)dpx; height: %(thumb)dpx; box-sizing: border-box;
                border: 2px dashed #b00; color: #b00; font-size: 12px; padding: 6px;
                overflow: hidden; word-break: break-all; background: #fff5f5; }
+.blank { width: %(thumb)dpx; height: %(thumb)dpx; box-sizing: border-box; border: 1px solid #ccc;
+         color: #777; font-size: 12px; display: flex; align-items: center;
+         justify-content: center; background: #000; }
 """
 
 
 @dataclass
+class LevelRule:
+    """One chi-square threshold rule per level, against its observed rates."""
+
+    name: str  # e.g. "sigma3", "fpr0.01"
+    predicted_fpr: float
+    thresholds: list[float]  # per level
+    observed_fpr: list[float]  # per level, on held-out normals
+    tpr: list[float]  # per level, on the anomalous test images
+
+
+@dataclass
 class ReportData:
-    """Everything a report shows; arrays are aligned with the n test images."""
+    """Everything a report shows; arrays are aligned with the n test images.
+
+    ``threshold`` is the decision threshold of the chosen score (``score_kind``): an image
+    is flagged anomalous when its score is strictly above it. ``thresholds`` are further
+    thresholds marked on the figures for reference. ``maps`` are anomaly maps by path (at
+    least those of the gallery's images), ``mask_paths`` the ground-truth masks (None for
+    normal images), ``pro_curve`` the (FPR, PRO) curve of the test maps.
+    """
 
     title: str
     labels: np.ndarray
@@ -70,40 +125,60 @@ class ReportData:
     params: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     maps: dict[str, np.ndarray] | None = None
+    threshold: float | None = None
+    score_kind: str = "image"
+    target_fpr: float | None = None
+    category: str | None = None
+    model_version: str | None = None
+    promoted: bool | None = None
+    promotion: str | None = None
+    pixel_auroc: float | None = None
+    pro: float | None = None
+    pro_curve: tuple[np.ndarray, np.ndarray] | None = None
+    mask_paths: list[str | None] | None = None
+    level_rules: list[LevelRule] = field(default_factory=list)
 
 
-def render_report(data: ReportData, n_worst: int = N_WORST, thumb_size: int = 160) -> str:
-    """The report as one HTML document."""
+def render_report(
+    data: ReportData, n_worst: int = N_WORST, thumb_size: int = 128, n_errors: int = N_ERRORS
+) -> str:
+    """The report as one HTML document; the gallery shows at most ``n_errors`` false
+    positives and as many false negatives, and the ``n_worst`` highest-scoring images."""
     labels, scores = _validated(data)
     heldout = None if data.heldout_scores is None else np.asarray(data.heldout_scores, float)
-    n_anomalous = int(labels.sum())
     title = html.escape(data.title)
-    summary = (
-        f"{labels.size} test images ({labels.size - n_anomalous} normal, {n_anomalous} anomalous)"
-        f" &middot; image AUROC <b>{data.auroc:.3f}</b>"
-    )
-    figures = [
-        _roc_figure(labels, scores, data.auroc, data.thresholds),
-        _histogram_figure(labels, scores, heldout, data.thresholds),
-        _levels_figure(data.levels, data.auroc_levels, data.auroc),
-    ]
+    figures = [_roc_figure(labels, scores, data.auroc, data.threshold, data.thresholds)]
+    if data.pro_curve is not None:
+        figures.append(_pro_figure(*data.pro_curve, data.pro))
+    figures.append(_histogram_figure(labels, scores, heldout, data.threshold, data.thresholds))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{title}</title><style>{CSS % {'thumb': thumb_size}}</style></head><body>",
-        f"<h1>{title}</h1>",
-        f'<p class="summary">{summary}</p>',
+        f'<section id="verdict"><h1>{title}</h1>',
+        _verdict(data, labels, scores, heldout),
+        "</section>",
+        '<section id="curves"><h2>Curves and score distributions</h2>',
         '<div class="row">',
-        _key_value_table("Parameters", data.params),
-        _key_value_table("Metrics", data.metrics),
-        _defect_table(labels, scores, data.defects),
+        *(_img_tag("image/png", png, alt, "figure") for png, alt in figures),
         "</div>",
-        "<h2>Scores</h2>",
+        _defect_table(labels, scores, data.defects, data.threshold),
+        "</section>",
+        '<section id="gallery"><h2>Images at the threshold</h2>',
+        _gallery(data, labels, scores, n_worst, n_errors, thumb_size),
+        "</section>",
+        '<section id="details"><h2>Details</h2>',
         '<div class="row">',
-        *(_img_tag("image/png", png, alt) for png, alt in figures),
+        _img_tag(
+            "image/png", *_levels_figure(data.levels, data.auroc_levels, data.auroc), "figure"
+        ),
         "</div>",
-        f"<h2>{min(n_worst, labels.size)} most anomalous test images</h2>",
-        _worst_images(data, scores, n_worst, thumb_size),
+        _level_rules_table(data.levels, data.level_rules),
+        '<div class="row">',
+        _key_value_table("Parameters", data.params, "params"),
+        _key_value_table("Metrics", data.metrics, "metrics"),
+        "</div>",
+        "</section>",
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -115,29 +190,47 @@ def report_data(
     paths: Sequence[str],
     defects: Sequence[str],
     params: dict[str, Any],
+    *,
+    masks: Sequence[str | None] | None = None,
+    calibration: Calibration | None = None,
+    category: str | None = None,
+    model_version: str | None = None,
+    promoted: bool | None = None,
+    promotion: str | None = None,
 ) -> ReportData:
-    """What the report of an evaluation shows; ``paths``/``defects`` align with its test rows.
+    """What the report of an evaluation shows; ``paths``/``defects``/``masks`` (ground-truth
+    mask paths, None for normal images) align with its test rows.
 
-    The anomaly maps of the ``N_WORST`` highest-scoring test images go with it.
+    ``calibration`` (the detector's ``calibration_``) gives the target FPR of the threshold;
+    ``model_version``, ``promoted`` and ``promotion`` (the reason) the registry's verdict.
+    The anomaly maps of the images in the default gallery (``N_ERRORS`` false positives and
+    false negatives, ``N_WORST`` highest scores) go with it, and with masks the PRO curve.
     """
     test = evaluation.test
     scores = np.asarray(test.scores)
+    labels = np.asarray(evaluation.labels)
     if evaluation.kind == "image":
         thresholds = {
             k: v for k, v in evaluation.thresholds.thresholds.items() if k.startswith("empirical")
         }
     else:
-        thresholds = {f"{evaluation.kind} (chosen)": evaluation.threshold}
-    maps = None
+        thresholds = {}
+    levels = list(params.get("levels", range(1, test.level_scores.shape[1] + 1)))
+    rules, rule_metrics = _level_rules(evaluation.thresholds.thresholds, levels, evaluation)
+    maps, curve = None, None
     if test.maps is not None:
-        worst = np.argsort(-scores, kind="stable")[:N_WORST]
-        maps = {paths[i]: test.maps[i] for i in worst}
+        groups = _gallery_rows(labels, scores, evaluation.threshold).values()
+        shown = np.unique(np.concatenate([rows for rows, _ in groups]))
+        maps = {paths[i]: test.maps[i] for i in shown}
+        if masks is not None and any(masks):
+            curve = _pro_points(*pro_curve(load_masks(list(masks), test.maps.shape[-1]), test.maps))
+    metrics = {**evaluation.summary_metrics(), **evaluation.thresholds.metrics}
     return ReportData(
         title=title,
-        labels=evaluation.labels,
+        labels=labels,
         scores=scores,
         level_scores=test.level_scores,
-        levels=list(params.get("levels", range(1, test.level_scores.shape[1] + 1))),
+        levels=levels,
         paths=list(paths),
         defects=list(defects),
         thresholds=thresholds,
@@ -145,8 +238,20 @@ def report_data(
         auroc_levels=evaluation.auroc_levels,
         heldout_scores=evaluation.heldout.scores,
         params=params,
-        metrics={**evaluation.summary_metrics(), **evaluation.thresholds.metrics},
+        metrics={k: v for k, v in metrics.items() if k not in rule_metrics},
         maps=maps,
+        threshold=evaluation.threshold,
+        score_kind=evaluation.kind,
+        target_fpr=None if calibration is None else calibration.target_fpr,
+        category=category,
+        model_version=model_version,
+        promoted=promoted,
+        promotion=promotion,
+        pixel_auroc=evaluation.pixel_auroc,
+        pro=evaluation.pro,
+        pro_curve=curve,
+        mask_paths=None if masks is None else list(masks),
+        level_rules=rules,
     )
 
 
@@ -180,6 +285,8 @@ def _validated(data: ReportData) -> tuple[np.ndarray, np.ndarray]:
             f"labels, scores, paths and defects must have one entry per image: got {n}, "
             f"{scores.size}, {len(data.paths)}, {len(data.defects)}"
         )
+    if data.mask_paths is not None and len(data.mask_paths) != n:
+        raise ValueError(f"mask_paths must have one entry per image: got {len(data.mask_paths)}")
     if level_scores.shape != (n, len(data.levels)) or len(data.auroc_levels) != len(data.levels):
         raise ValueError(
             f"level_scores {level_scores.shape} and auroc_levels ({len(data.auroc_levels)}) "
@@ -191,16 +298,159 @@ def _validated(data: ReportData) -> tuple[np.ndarray, np.ndarray]:
     return labels.astype(int), scores
 
 
+def _level_rules(
+    thresholds: dict[str, Any], levels: list[int], evaluation: Evaluation
+) -> tuple[list[LevelRule], set[str]]:
+    """The chi-square rules of a threshold report, and the metric names they take over."""
+    metrics = evaluation.thresholds.metrics
+    rules, used = [], set()
+    for key, per_level in thresholds.items():
+        if not key.startswith("chi2_"):
+            continue
+        names = {
+            "predicted": f"{key}_predicted_fpr",
+            "observed": [f"{key}_l{level}_observed_fpr" for level in levels],
+            "tpr": [f"{key}_l{level}_tpr" for level in levels],
+        }
+        used |= {names["predicted"], *names["observed"], *names["tpr"]}
+        rules.append(
+            LevelRule(
+                name=key.removeprefix("chi2_"),
+                predicted_fpr=metrics[names["predicted"]],
+                thresholds=list(per_level),
+                observed_fpr=[metrics[name] for name in names["observed"]],
+                tpr=[metrics[name] for name in names["tpr"]],
+            )
+        )
+    return rules, used
+
+
+def _pro_points(fpr: np.ndarray, pro: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve at ``PRO_POINTS`` evenly spaced FPRs (the exact one has a point per
+    distinct pixel score)."""
+    grid = np.linspace(0.0, 1.0, PRO_POINTS)
+    return grid, np.interp(grid, fpr, pro)
+
+
+def _gallery_rows(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    threshold: float | None,
+    n_worst: int = N_WORST,
+    n_errors: int = N_ERRORS,
+) -> dict[str, tuple[np.ndarray, int]]:
+    """Test rows of each gallery group and the group's full size: false positives (highest
+    score first), false negatives (lowest first), at most ``n_errors`` each, and the
+    ``n_worst`` highest scores."""
+    groups: dict[str, tuple[np.ndarray, int]] = {}
+    if threshold is not None:
+        flagged = scores > threshold
+        for group, rows, sign in (
+            ("false-positives", np.flatnonzero(flagged & (labels == 0)), -1.0),
+            ("false-negatives", np.flatnonzero(~flagged & (labels == 1)), 1.0),
+        ):
+            order = np.argsort(sign * scores[rows], kind="stable")
+            groups[group] = rows[order][:n_errors], rows.size
+    worst = np.argsort(-scores, kind="stable")[:n_worst]
+    groups["most-anomalous"] = worst, worst.size
+    return groups
+
+
+def _percent(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _verdict(
+    data: ReportData, labels: np.ndarray, scores: np.ndarray, heldout: np.ndarray | None
+) -> str:
+    """The first screen: who, champion or not, the headline metrics, the threshold and the
+    confusion matrix at it, and the held-out normals' FPR at it."""
+    meta = []
+    if data.category is not None:
+        meta.append(f"category <b>{html.escape(data.category)}</b>")
+    if data.model_version is not None:
+        meta.append(f"model version <b>{html.escape(str(data.model_version))}</b>")
+    if data.promoted is not None:
+        badge = ("champion", "champion") if data.promoted else ("challenger", "not promoted")
+        meta.append(f'<span class="badge {badge[0]}">{badge[1]}</span>')
+    elif data.promotion is None:
+        meta.append("champion: not decided")
+    if data.promotion is not None:
+        meta.append(html.escape(data.promotion))
+    kind = html.escape(data.score_kind)
+    tiles = [(f"image AUROC ({kind} score)", data.auroc)]
+    if data.pixel_auroc is not None:
+        tiles.append(("pixel AUROC", data.pixel_auroc))
+    if data.pro is not None:
+        tiles.append(("PRO (AU-PRO, FPR &le; 0.3)", data.pro))
+    parts = [
+        f'<p class="meta">{" &middot; ".join(meta)}</p>',
+        '<div class="tiles">',
+        *(
+            f'<div class="tile"><div class="value">{value:.3f}</div>'
+            f'<div class="name">{name}</div></div>'
+            for name, value in tiles
+        ),
+        "</div>",
+    ]
+    if data.threshold is None:
+        parts.append('<p class="decision">No decision threshold: the model is not calibrated.</p>')
+        return "\n".join(parts)
+    counts = confusion(labels, scores, data.threshold)
+    n_anomalous, n_normal = counts.tp + counts.fn, counts.fp + counts.tn
+    parts += [
+        f'<p class="decision">Decision rule: a part is flagged defective when its {kind} score '
+        f'&gt; <b id="threshold">{data.threshold:.6g}</b>. On the {labels.size} test images '
+        f"it catches <b>{counts.tp} of {n_anomalous}</b> defective parts "
+        f"(recall {_percent(counts.recall)}) and flags <b>{counts.fp} of {n_normal}</b> "
+        f"good parts (FPR {_percent(counts.fpr)}).</p>",
+        _confusion_table(counts, data.threshold),
+    ]
+    if heldout is not None and heldout.size:
+        n_over = int(np.sum(heldout > data.threshold))
+        target = "" if data.target_fpr is None else f" for a target FPR of {data.target_fpr:g}"
+        parts.append(
+            f'<p class="decision" id="heldout">Calibration: the threshold was set{target} on '
+            f"{heldout.size} held-out (out-of-fold) normal training images; at it they have "
+            f"an FPR of <b>{_percent(n_over / heldout.size)}</b> ({n_over} of {heldout.size}).</p>"
+        )
+    return "\n".join(parts)
+
+
+def _confusion_table(counts: Confusion, threshold: float) -> str:
+    def cell(name: str, value: int, good: bool) -> str:
+        kind = "good" if good else ("bad" if value else "")
+        return f'<td class="num {kind}" data-cell="{name}">{value}</td>'
+
+    return (
+        f'<table id="confusion"><caption>Test set at threshold {threshold:.6g}</caption>'
+        "<tr><th></th><th>flagged defective</th><th>passed as good</th><th></th></tr>"
+        f"<tr><th>defective ({counts.tp + counts.fn})</th>{cell('tp', counts.tp, True)}"
+        f"{cell('fn', counts.fn, False)}<td>recall on defects {_percent(counts.recall)}</td></tr>"
+        f"<tr><th>good ({counts.fp + counts.tn})</th>{cell('fp', counts.fp, False)}"
+        f"{cell('tn', counts.tn, True)}<td>FPR on good parts {_percent(counts.fpr)}</td></tr>"
+        "</table>"
+    )
+
+
 def _mpl_text(text: str) -> str:
     """Text for matplotlib, with ``$`` escaped so names are never parsed as mathtext."""
     return text.replace("$", r"\$")
 
 
-def _colored(thresholds: dict[str, float]) -> list[tuple[str, float, str]]:
-    """(name, value, colour) of each threshold, colours consistent across figures."""
+def _reference_thresholds(
+    threshold: float | None, thresholds: dict[str, float]
+) -> list[tuple[str, float, str]]:
+    """(name, value, colour) of each reference threshold that is not the decision threshold,
+    colours consistent across figures."""
+    others = [
+        (name, value)
+        for name, value in thresholds.items()
+        if threshold is None or not np.isclose(value, threshold)
+    ]
     return [
         (name, value, color)
-        for (name, value), color in zip(thresholds.items(), cycle(THRESHOLD_COLORS), strict=False)
+        for (name, value), color in zip(others, cycle(THRESHOLD_COLORS), strict=False)
     ]
 
 
@@ -217,44 +467,66 @@ def _png(figure: Figure) -> bytes:
 
 
 def _roc_figure(
-    labels: np.ndarray, scores: np.ndarray, auroc: float, thresholds: dict[str, float]
+    labels: np.ndarray,
+    scores: np.ndarray,
+    auroc: float,
+    threshold: float | None,
+    thresholds: dict[str, float],
 ) -> tuple[bytes, str]:
-    """ROC curve of the summed score, with each threshold's operating point marked."""
-    figure = _new_figure(4.2, 3.8)
+    """ROC curve of the chosen score, with the decision threshold's operating point marked."""
+    figure = _new_figure(3.5, 3.4)
     ax = figure.add_subplot()
     ax.plot([0, 1], [0, 1], color="#bbb", linestyle=":", linewidth=1)
     if np.unique(labels).size == 2:
         fpr, tpr, _ = roc_curve(labels, scores)
-        ax.plot(fpr, tpr, color="#1f77b4", linewidth=2, label=f"summed score (AUROC {auroc:.3f})")
-        for name, threshold, color in _colored(thresholds):
-            fpr_at = observed_rate(scores[labels == 0], threshold)
-            tpr_at = observed_rate(scores[labels == 1], threshold)
-            ax.plot(fpr_at, tpr_at, "o", color=color, markersize=6, label=_mpl_text(name))
+        ax.plot(fpr, tpr, color="#1f77b4", linewidth=2, label=f"AUROC {auroc:.3f}")
+        points = _reference_thresholds(threshold, thresholds)
+        if threshold is not None:
+            points.insert(0, (f"threshold {threshold:.4g}", threshold, DECISION_COLOR))
+        for name, value, color in points:
+            fpr_at = observed_rate(scores[labels == 0], value)
+            tpr_at = observed_rate(scores[labels == 1], value)
+            ax.plot(fpr_at, tpr_at, "o", color=color, markersize=7, label=_mpl_text(name))
         ax.legend(loc="lower right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "needs normal and anomalous images", ha="center", fontsize=9)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate", ylabel="true-positive rate")
-    ax.set_title("ROC, summed score", fontsize=11)
-    return _png(figure), "ROC curve of the summed score"
+    ax.set_title("ROC, test images", fontsize=11)
+    return _png(figure), "ROC curve of the chosen score"
+
+
+def _pro_figure(fpr: np.ndarray, pro: np.ndarray, pro_auc: float | None) -> tuple[bytes, str]:
+    """The per-region-overlap curve, with the FPR <= 0.3 range of AU-PRO shaded."""
+    figure = _new_figure(3.5, 3.4)
+    ax = figure.add_subplot()
+    ax.plot(fpr, pro, color="#1f77b4", linewidth=2)
+    inside = fpr <= 0.3
+    ax.fill_between(fpr[inside], pro[inside], color="#1f77b4", alpha=0.15)
+    ax.axvline(0.3, color="#777", linestyle=":", linewidth=1)
+    label = "" if pro_auc is None else f" (AU-PRO {pro_auc:.3f})"
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="pixel false-positive rate", ylabel="PRO")
+    ax.set_title(f"Per-region overlap{label}", fontsize=11)
+    return _png(figure), "PRO curve of the anomaly maps"
 
 
 def _histogram_figure(
     labels: np.ndarray,
     scores: np.ndarray,
     heldout: np.ndarray | None,
+    threshold: float | None,
     thresholds: dict[str, float],
 ) -> tuple[bytes, str]:
-    """Score histograms of normal / anomalous test images (and held-out normals), thresholds.
+    """Score histograms of good / defective test images (and held-out normals), thresholds.
 
     Bars are fractions of each group, so groups of different sizes compare; heavy-tailed
     positive scores (max > 5 x median) get log-spaced bins on a log axis.
     """
     groups = [
-        ("normal (test)", scores[labels == 0], "#2ca02c"),
-        ("anomalous (test)", scores[labels == 1], "#ff7f0e"),
+        ("good (test)", scores[labels == 0], "#2ca02c"),
+        ("defective (test)", scores[labels == 1], "#ff7f0e"),
     ]
     if heldout is not None:
-        groups.append(("normal (held-out train)", heldout, "#7f7f7f"))
+        groups.append(("good (held-out train)", heldout, "#7f7f7f"))
     groups = [(name, values[np.isfinite(values)], color) for name, values, color in groups]
     all_scores = np.concatenate([values for _, values, _ in groups])
     n_bins = int(np.clip(all_scores.size // 15, 10, 50))
@@ -263,22 +535,26 @@ def _histogram_figure(
         bins = np.geomspace(all_scores.min(), all_scores.max(), n_bins + 1)
     else:
         bins = np.histogram_bin_edges(all_scores, bins=n_bins)
-    figure = _new_figure(6.0, 3.8)
+    figure = _new_figure(4.9, 3.4)
     ax = figure.add_subplot()
     for name, values, color in groups:
         if values.size:
             weights = np.full(values.size, 1.0 / values.size)
             style = {"histtype": "stepfilled", "alpha": 0.4, "color": color}
             ax.hist(values, bins, weights=weights, label=f"{name} (n={values.size})", **style)
-    for name, threshold, color in _colored(thresholds):
-        label = _mpl_text(f"{name} = {threshold:.4g}")
-        ax.axvline(threshold, color=color, linestyle="--", linewidth=1.5, label=label)
+    if threshold is not None:
+        ax.axvline(
+            threshold, color=DECISION_COLOR, linewidth=2.5, label=f"threshold = {threshold:.4g}"
+        )
+    for name, value, color in _reference_thresholds(threshold, thresholds):
+        label = _mpl_text(f"{name} = {value:.4g}")
+        ax.axvline(value, color=color, linestyle="--", linewidth=1.2, label=label)
     if log_x:
         ax.set_xscale("log")
-    ax.set(xlabel="summed score" + (" (log scale)" if log_x else ""), ylabel="fraction of group")
+    ax.set(xlabel="score" + (" (log scale)" if log_x else ""), ylabel="fraction of group")
     ax.set_title("Score distributions", fontsize=11)
     ax.legend(fontsize=8)
-    return _png(figure), "Histograms of the summed score with thresholds"
+    return _png(figure), "Histograms of the score, good against defective, with the threshold"
 
 
 def _heavy_tailed(values: np.ndarray) -> bool:
@@ -287,13 +563,13 @@ def _heavy_tailed(values: np.ndarray) -> bool:
 
 
 def _levels_figure(levels: list[int], auroc_levels: list[float], auroc: float) -> tuple[bytes, str]:
-    """Bar chart of per-level AUROC, with the summed score's AUROC as a reference line."""
+    """Bar chart of per-level AUROC, with the chosen score's AUROC as a reference line."""
     figure = _new_figure(max(3.5, 1.2 + 0.45 * len(levels)), 3.8)
     ax = figure.add_subplot()
     positions = np.arange(len(levels))
     bars = ax.bar(positions, auroc_levels, color="#1f77b4", width=0.7)
     ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
-    ax.axhline(auroc, color="#d62728", linestyle="--", linewidth=1.5, label=f"summed {auroc:.3f}")
+    ax.axhline(auroc, color="#d62728", linestyle="--", linewidth=1.5, label=f"chosen {auroc:.3f}")
     finite = [v for v in [*auroc_levels, auroc] if np.isfinite(v)]
     ax.set_ylim(min([0.5, *finite]) - 0.02, 1.06)
     ax.set_xticks(positions, [str(level) for level in levels])
@@ -303,19 +579,31 @@ def _levels_figure(levels: list[int], auroc_levels: list[float], auroc: float) -
     return _png(figure), "AUROC per level"
 
 
-def _img_tag(mime: str, payload: bytes, alt: str) -> str:
+def _colorbar_figure(value_range: tuple[float, float]) -> tuple[bytes, str]:
+    """A horizontal colour bar of the gallery's anomaly-map scale."""
+    low, high = value_range
+    figure = _new_figure(5.0, 0.85)
+    ax = figure.add_subplot()
+    scale = ScalarMappable(Normalize(low, max(high, low + 1e-12)), colormaps[MAP_COLORMAP])
+    bar = figure.colorbar(scale, cax=ax, orientation="horizontal")
+    bar.set_label(f"anomaly-map value, {low:.4g} to {high:.4g}", fontsize=9)
+    ax.tick_params(labelsize=8)
+    return _png(figure), "colour bar of the anomaly maps"
+
+
+def _img_tag(mime: str, payload: bytes, alt: str, css_class: str) -> str:
     encoded = base64.b64encode(payload).decode("ascii")
-    return f'<img src="data:{mime};base64,{encoded}" alt="{html.escape(alt)}">'
+    return f'<img class="{css_class}" src="data:{mime};base64,{encoded}" alt="{html.escape(alt)}">'
 
 
-def _key_value_table(caption: str, rows: dict[str, Any]) -> str:
+def _key_value_table(caption: str, rows: dict[str, Any], table_id: str) -> str:
     if not rows:
         return ""
     body = "".join(
         f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_format_value(value))}</td></tr>"
         for key, value in rows.items()
     )
-    return f"<table><caption>{html.escape(caption)}</caption>{body}</table>"
+    return f'<table id="{table_id}"><caption>{html.escape(caption)}</caption>{body}</table>'
 
 
 def _format_value(value: Any) -> str:
@@ -324,23 +612,60 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def _defect_table(labels: np.ndarray, scores: np.ndarray, defects: list[str]) -> str:
-    """AUROC of each defect type against the normal test images."""
+def _level_rules_table(levels: list[int], rules: list[LevelRule]) -> str:
+    """Per level (rows) and chi-square rule (columns): threshold, observed FPR, TPR."""
+    if not rules:
+        return ""
+    header = "".join(
+        f"<th>{html.escape(rule.name)}<br>predicted FPR {rule.predicted_fpr:.3g}</th>"
+        for rule in rules
+    )
+    rows = []
+    for column, level in enumerate(levels):
+        cells = "".join(
+            f"<td class='num'>t {rule.thresholds[column]:.4g}<br>"
+            f"FPR {rule.observed_fpr[column]:.3f} &middot; TPR {rule.tpr[column]:.3f}</td>"
+            for rule in rules
+        )
+        rows.append(f"<tr><th>level {level}</th>{cells}</tr>")
+    return (
+        '<table id="chi2"><caption>Per-level chi-square thresholds t = sqrt(chi2.ppf(1 - a, k)):'
+        " observed FPR on held-out normals, TPR on defective test images</caption>"
+        f"<tr><th></th>{header}</tr>{''.join(rows)}</table>"
+    )
+
+
+def _defect_table(
+    labels: np.ndarray, scores: np.ndarray, defects: list[str], threshold: float | None
+) -> str:
+    """Per defect type: count, recall at the threshold and AUROC against the good images;
+    the good images' row gives their false-positive count and rate."""
     defects_array = np.asarray(defects, dtype=object)
     normal_scores = scores[labels == 0]
-    rows = []
+
+    def flagged(values: np.ndarray) -> str:
+        if threshold is None:
+            return "<td class='num'>n/a</td><td class='num'>n/a</td>"
+        count = int(np.sum(values > threshold))
+        rate = count / values.size if values.size else float("nan")
+        return f"<td class='num'>{count}</td><td class='num'>{_percent(rate)}</td>"
+
+    rows = [f"<tr><td>good</td><td class='num'>{normal_scores.size}</td>{flagged(normal_scores)}"]
+    rows[0] += "<td class='num'>&mdash;</td></tr>"
     for defect in sorted(set(defects_array[labels == 1])):
         defect_scores = scores[(labels == 1) & (defects_array == defect)]
         auroc = _auroc_vs_normal(normal_scores, defect_scores)
         rows.append(
             f"<tr><td>{html.escape(str(defect))}</td><td class='num'>{defect_scores.size}</td>"
+            f"{flagged(defect_scores)}"
             f"<td class='num'>{'n/a' if np.isnan(auroc) else f'{auroc:.3f}'}</td></tr>"
         )
-    header = "<tr><th>defect</th><th>n</th><th>AUROC vs normal</th></tr>"
-    return (
-        f'<table id="defects"><caption>Per defect type ({normal_scores.size} normal)</caption>'
-        f"{header}{''.join(rows)}</table>"
+    header = (
+        "<tr><th>type</th><th>n</th><th>flagged</th><th>rate (recall; FPR for good)</th>"
+        "<th>AUROC vs good</th></tr>"
     )
+    caption = "Per defect type" + ("" if threshold is None else f" at threshold {threshold:.6g}")
+    return f'<table id="defects"><caption>{caption}</caption>{header}{"".join(rows)}</table>'
 
 
 def _auroc_vs_normal(normal_scores: np.ndarray, defect_scores: np.ndarray) -> float:
@@ -350,30 +675,113 @@ def _auroc_vs_normal(normal_scores: np.ndarray, defect_scores: np.ndarray) -> fl
     return float(roc_auc_score(labels, np.r_[normal_scores, defect_scores]))
 
 
-def _worst_images(data: ReportData, scores: np.ndarray, n_worst: int, thumb_size: int) -> str:
-    """Thumbnails (or placeholders) of the n_worst highest-scoring test images."""
-    worst = np.argsort(-scores, kind="stable")[:n_worst]
+GALLERY_TITLES = {
+    "false-positives": "False positives: good parts flagged defective",
+    "false-negatives": "False negatives: defective parts passed as good",
+    "most-anomalous": "Most anomalous test images",
+}
+
+
+def _gallery(
+    data: ReportData,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    n_worst: int,
+    n_errors: int,
+    thumb_size: int,
+) -> str:
+    """The gallery's groups, each image as image | ground truth | overlay, and the colour
+    bar of the maps' shared scale."""
+    groups = _gallery_rows(labels, scores, data.threshold, n_worst, n_errors)
     maps = data.maps or {}
-    value_range = _map_range(maps)
+    shown = {data.paths[i] for rows, _ in groups.values() for i in rows}
+    value_range = _map_range({path: maps[path] for path in shown if path in maps})
+    with_masks = data.mask_paths is not None and any(data.mask_paths)
+    parts = []
+    if maps:
+        parts.append(_img_tag("image/png", *_colorbar_figure(value_range), "colorbar"))
+        columns = "image | ground-truth mask | overlay" if with_masks else "image | overlay"
+        parts.append(
+            f'<p class="note">Each row: {columns}. One colour scale for all maps: anomaly-map '
+            f"value {value_range[0]:.4g} (blue) to {value_range[1]:.4g} (red).</p>"
+        )
+    else:
+        parts.append('<p class="note">No anomaly maps: the model scores whole images only.</p>')
+    if data.threshold is None:
+        parts.append('<p class="note">No threshold: no false positives or negatives.</p>')
+    for group, (rows, total) in groups.items():
+        shown_note = f" (showing {rows.size} of {total})" if rows.size < total else ""
+        items = "".join(
+            _gallery_item(data, scores, index, rank, maps, value_range, with_masks, thumb_size)
+            for rank, index in enumerate(rows, start=1)
+        )
+        parts.append(
+            f'<div id="{group}"><h3>{GALLERY_TITLES[group]}: {total}{shown_note}</h3>'
+            f'<div class="row">{items or "<p class=note>none</p>"}</div></div>'
+        )
+    return "\n".join(parts)
+
+
+def _gallery_item(
+    data: ReportData,
+    scores: np.ndarray,
+    index: int,
+    rank: int,
+    maps: dict[str, np.ndarray],
+    value_range: tuple[float, float],
+    with_masks: bool,
+    thumb_size: int,
+) -> str:
+    path = data.paths[index]
     cells = []
-    for rank, index in enumerate(worst, start=1):
-        path = data.paths[index]
-        try:
-            thumbnail = _thumbnail(path, thumb_size, maps.get(path), value_range)
-            picture = _img_tag("image/jpeg", thumbnail, f"test image {rank}")
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            reason = f"{type(error).__name__}: {error}"
-            picture = f'<div class="placeholder">image unavailable<br>{html.escape(reason)}</div>'
-        name = Path(path).name if path else "(unknown path)"
-        caption = (
-            f"#{rank} &middot; score {scores[index]:.4g} &middot; "
-            f"{html.escape(str(data.defects[index]))}<br>{html.escape(name)}"
-        )
-        cells.append(
-            f'<figure class="thumb" title="{html.escape(path)}">{picture}'
-            f"<figcaption>{caption}</figcaption></figure>"
-        )
-    return f'<div class="row">{"".join(cells)}</div>'
+    try:
+        image = _thumbnail(path, thumb_size)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        reason = f"{type(error).__name__}: {error}"
+        cells.append(f'<div class="placeholder">image unavailable<br>{html.escape(reason)}</div>')
+    else:
+        cells.append(_cell(_img_tag("image/jpeg", _jpeg(image), f"test image {index}", "thumb")))
+        mask_path = data.mask_paths[index] if data.mask_paths is not None else None
+        if with_masks:
+            cells.append(_cell(_mask_cell(mask_path, image.size)))
+        if path in maps:
+            overlaid = overlay(image, maps[path], value_range)
+            cells.append(
+                _cell(_img_tag("image/jpeg", _jpeg(overlaid), f"overlay {index}", "overlay"))
+            )
+        elif maps:
+            cells.append(_cell('<div class="blank">map not kept</div>'))
+    name = Path(path).name if path else "(unknown path)"
+    decision = ""
+    if data.threshold is not None:
+        decision = " &middot; flagged" if scores[index] > data.threshold else " &middot; passed"
+    caption = (
+        f"#{rank} &middot; score {scores[index]:.4g}{decision}<br>"
+        f"{html.escape(str(data.defects[index]))}<br>{html.escape(name)}"
+    )
+    return (
+        f'<figure class="item" data-index="{index}" title="{html.escape(path)}">'
+        f"{''.join(cells)}<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+def _cell(content: str) -> str:
+    return f'<div class="cell">{content}</div>'
+
+
+def _mask_cell(mask_path: str | None, size: tuple[int, int]) -> str:
+    """The ground-truth mask at the thumbnail's size, or why there is none."""
+    if mask_path is None:
+        return '<div class="blank">no defect mask</div>'
+    try:
+        with Image.open(mask_path) as mask:
+            resized = mask.convert("L").resize(size, Image.Resampling.NEAREST)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        reason = f"{type(error).__name__}: {error}"
+        return f'<div class="placeholder">mask unavailable<br>{html.escape(reason)}</div>'
+    buffer = io.BytesIO()
+    resized.save(buffer, format="PNG")
+    return _img_tag("image/png", buffer.getvalue(), "ground-truth mask", "mask")
 
 
 def _map_range(maps: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -385,21 +793,18 @@ def _map_range(maps: dict[str, np.ndarray]) -> tuple[float, float]:
     return min(float(v.min()) for v in finite), max(float(v.max()) for v in finite)
 
 
-def _thumbnail(
-    path: str,
-    size: int,
-    anomaly_map: np.ndarray | None,
-    value_range: tuple[float, float],
-) -> bytes:
-    """JPEG bytes of the image downsized to fit size x size, with its anomaly map overlaid."""
+def _thumbnail(path: str, size: int) -> Image.Image:
+    """The RGB image downsized to fit size x size."""
     if not path:
         raise ValueError("no path recorded for this image")
     with Image.open(path) as image:
         image.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
         image = image.convert("RGB")
     image.thumbnail((size, size))
-    if anomaly_map is not None:
-        image = overlay(image, anomaly_map, value_range)
+    return image
+
+
+def _jpeg(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
