@@ -94,13 +94,13 @@ def _lines(verdict: Verdict | None) -> list[tuple[str, tuple[int, int, int]]]:
         sign = ">" if verdict.is_anomaly else "<="
         head = f"{word}   score {verdict.score:.4g} {sign} threshold {verdict.threshold:.4g}"
     if verdict.normalized is None or not np.isfinite(verdict.normalized):
-        normalized = "normalised score n/a (calibration keeps no normal scores)"
+        normalized = "normalised score n/a (no calibration normals kept)"
     elif verdict.normalized == 1.0:
         normalized = "normalised 1.000: above all good training images"
     else:
+        below = np.floor(1000 * verdict.normalized) / 10  # rounded down: "above" stays true
         normalized = (
-            f"normalised {verdict.normalized:.3f}: above "
-            f"{100 * verdict.normalized:.1f}% of good training images"
+            f"normalised {verdict.normalized:.4f}: above {below:.1f}% of good training images"
         )
     return [(head, VERDICT_COLOURS[verdict.is_anomaly]), (normalized, TEXT)]
 
