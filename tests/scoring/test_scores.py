@@ -13,6 +13,7 @@ from gaussian_ad.detection.detector import Detector
 from gaussian_ad.detection.scores import Scores, concat_scores
 from gaussian_ad.scoring.tables import score_table
 from gaussian_ad.stats.calibration import Calibration
+from gaussian_ad.stats.gaussian import GaussianAD
 
 LEVELS = (7, 8)
 
@@ -77,3 +78,16 @@ def test_score_table_puts_the_normalised_score_next_to_the_decision(detector):
     uncalibrated = Scores(np.arange(2), level_scores(2, 3), scores=np.ones(2))
     table = score_table(["a", "b"], uncalibrated, LEVELS)
     assert table["normalized_score"].isna().all() and table["is_anomaly"].dtype == pd.BooleanDtype()
+
+
+def test_the_normalised_score_survives_saving_the_detector(detector, tmp_path):
+    rng = np.random.default_rng(4)
+    levels = [rng.normal(size=(30, 4)), rng.normal(size=(30, 3))]
+    calibration = detector.calibration_
+    detector.set_models(GaussianAD().fit(levels)).calibration_ = calibration
+    loaded = Detector.load(detector.save(tmp_path / "det.safetensors"))
+    assert loaded.calibration_ == calibration and loaded.calibration_.has_normalized
+    scores = Scores(index=np.arange(5), level_scores=level_scores(5, 5))
+    np.testing.assert_array_equal(
+        loaded.decide(scores).normalized, calibration.normalized(scores.image_scores)
+    )
