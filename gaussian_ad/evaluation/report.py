@@ -70,7 +70,7 @@ section { border-top: 1px solid #ddd; } #verdict { border-top: none; }
 .row { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
 table { border-collapse: collapse; } caption { text-align: left; font-weight: 600; }
 td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; vertical-align: top; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; } #chi2 td { white-space: nowrap; }
 #confusion td.num { font-size: 1.2em; font-weight: 600; min-width: 4em; }
 #confusion td.bad { background: #fdecea; } #confusion td.good { background: #eaf6ea; }
 .note { color: #555; font-size: 12px; margin: .2em 0; }
@@ -535,7 +535,7 @@ def _histogram_figure(
         bins = np.geomspace(all_scores.min(), all_scores.max(), n_bins + 1)
     else:
         bins = np.histogram_bin_edges(all_scores, bins=n_bins)
-    figure = _new_figure(4.9, 3.4)
+    figure = _new_figure(4.9, 3.8)
     ax = figure.add_subplot()
     for name, values, color in groups:
         if values.size:
@@ -553,7 +553,7 @@ def _histogram_figure(
         ax.set_xscale("log")
     ax.set(xlabel="score" + (" (log scale)" if log_x else ""), ylabel="fraction of group")
     ax.set_title("Score distributions", fontsize=11)
-    ax.legend(fontsize=8)
+    figure.legend(loc="outside lower center", ncols=2, fontsize=7)
     return _png(figure), "Histograms of the score, good against defective, with the threshold"
 
 
