@@ -36,7 +36,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from gaussian_ad.data.images import load_masks
-from gaussian_ad.scoring.overlays import overlay
+from gaussian_ad.scoring.overlays import SCALE_SDS, map_range, overlay
 from gaussian_ad.stats.metrics import Confusion, confusion, pro_curve
 from gaussian_ad.stats.thresholds import observed_rate
 
@@ -108,7 +108,9 @@ class ReportData:
     is flagged anomalous when its score is strictly above it. ``thresholds`` are further
     thresholds marked on the figures for reference. ``maps`` are anomaly maps by path (at
     least those of the gallery's images), ``mask_paths`` the ground-truth masks (None for
-    normal images), ``pro_curve`` the (FPR, PRO) curve of the test maps.
+    normal images), ``pro_curve`` the (FPR, PRO) curve of the test maps. ``map_scale`` is
+    the model's fixed colour scale of its maps (as the scoring overlays'); None: the range
+    of the maps shown.
     """
 
     title: str
@@ -137,6 +139,7 @@ class ReportData:
     pro_curve: tuple[np.ndarray, np.ndarray] | None = None
     mask_paths: list[str | None] | None = None
     level_rules: list[LevelRule] = field(default_factory=list)
+    map_scale: tuple[float, float] | None = None
 
 
 def render_report(
@@ -201,7 +204,8 @@ def report_data(
     """What the report of an evaluation shows; ``paths``/``defects``/``masks`` (ground-truth
     mask paths, None for normal images) align with its test rows.
 
-    ``calibration`` (the detector's ``calibration_``) gives the target FPR of the threshold;
+    ``calibration`` (the detector's ``calibration_``) gives the target FPR of the threshold
+    and, with a patch model, the maps' fixed colour scale;
     ``model_version``, ``promoted`` and ``promotion`` (the reason) the registry's verdict.
     The anomaly maps of the images in the default gallery (``N_ERRORS`` false positives and
     false negatives, ``N_WORST`` highest scores) go with it, and with masks the PRO curve.
@@ -217,8 +221,10 @@ def report_data(
         thresholds = {}
     levels = list(params.get("levels", range(1, test.level_scores.shape[1] + 1)))
     rules, rule_metrics = _level_rules(evaluation.thresholds.thresholds, levels, evaluation)
-    maps, curve = None, None
+    maps, curve, scale = None, None, None
     if test.maps is not None:
+        if calibration is not None and calibration.standardizer is not None:
+            scale = map_range(test.maps[0], calibration.standardizer)[:2]
         groups = _gallery_rows(labels, scores, evaluation.threshold).values()
         shown = np.unique(np.concatenate([rows for rows, _ in groups]))
         maps = {paths[i]: test.maps[i] for i in shown}
@@ -252,6 +258,7 @@ def report_data(
         pro_curve=curve,
         mask_paths=None if masks is None else list(masks),
         level_rules=rules,
+        map_scale=scale,
     )
 
 
@@ -695,15 +702,21 @@ def _gallery(
     groups = _gallery_rows(labels, scores, data.threshold, n_worst, n_errors)
     maps = data.maps or {}
     shown = {data.paths[i] for rows, _ in groups.values() for i in rows}
-    value_range = _map_range({path: maps[path] for path in shown if path in maps})
+    value_range = data.map_scale or _map_range({p: maps[p] for p in shown if p in maps})
     with_masks = data.mask_paths is not None and any(data.mask_paths)
     parts = []
     if maps:
         parts.append(_img_tag("image/png", *_colorbar_figure(value_range), "colorbar"))
         columns = "image | ground-truth mask | overlay" if with_masks else "image | overlay"
+        scale = (
+            f"the model's: blue at the held-out normals' mean map maximum, red {SCALE_SDS:g}"
+            " standard deviations above it, values outside clipped"
+            if data.map_scale
+            else "the range of the maps shown"
+        )
         parts.append(
-            f'<p class="note">Each row: {columns}. One colour scale for all maps: anomaly-map '
-            f"value {value_range[0]:.4g} (blue) to {value_range[1]:.4g} (red).</p>"
+            f'<p class="note">Each row: {columns}. One colour scale for all maps, {scale}: '
+            f"anomaly-map value {value_range[0]:.4g} (blue) to {value_range[1]:.4g} (red).</p>"
         )
     else:
         parts.append('<p class="note">No anomaly maps: the model scores whole images only.</p>')

@@ -24,6 +24,8 @@ from gaussian_ad.evaluation.report import (
     report_data,
     write_report,
 )
+from gaussian_ad.stats.calibration import Calibration
+from gaussian_ad.stats.fusion import Standardizer
 
 N_WORST = 4
 THRESHOLD = 15.5
@@ -230,6 +232,7 @@ def test_every_thumbnail_has_its_mask_and_overlay(data: ReportData, tmp_path: Pa
     low, high = min(m.min() for m in shown), max(m.max() for m in shown)
     assert '<img class="colorbar"' in gallery
     assert f"anomaly-map value {low:.4g} (blue) to {high:.4g} (red)" in gallery
+    assert "the range of the maps shown" in gallery
     plain = re.search(r'class="thumb" src="data:image/jpeg;base64,([^"]+)', page).group(1)
     overlaid = re.search(r'class="overlay" src="data:image/jpeg;base64,([^"]+)', page).group(1)
     assert plain != overlaid
@@ -285,11 +288,13 @@ def test_report_data_of_an_evaluation(tmp_path: Path):
         ["good"] * 3 + ["cut"] * 3,
         {"levels": [7, 8]},
         masks=masks,
+        calibration=Calibration("image", 5.0, 0.05, 4, Standardizer(5.0, 1.0, 2.0, 0.5)),
         model_version="4",
         promoted=True,
         promotion="first model",
     )
-    assert data.threshold == 5.0 and data.score_kind == "image"
+    assert data.threshold == 5.0 and data.score_kind == "image" and data.target_fpr == 0.05
+    assert data.map_scale == (2.0, 3.5)  # the overlays' fixed scale: mean, mean + 3 SD
     assert (data.model_version, data.promoted, data.promotion) == ("4", True, "first model")
     assert data.level_rules == [LevelRule("sigma3", 0.0027, [2.0, 2.5], [0.1, 0.2], [0.6, 0.7])]
     assert not any(key.startswith("chi2_") for key in data.metrics)
@@ -300,6 +305,7 @@ def test_report_data_of_an_evaluation(tmp_path: Path):
     page = render_report(data)
     assert page.count('<img class="figure"') == 4
     assert gallery_indices(page, "false-negatives") == [3]  # 2.5 + 2 = 4.5 <= 5
+    assert "the model's" in page and "anomaly-map value 2 (blue) to 3.5 (red)" in page
 
 
 def test_inconsistent_data_is_rejected(data: ReportData):
