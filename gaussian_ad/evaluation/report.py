@@ -41,7 +41,7 @@ from gaussian_ad.stats.metrics import Confusion, confusion, pro_curve
 from gaussian_ad.stats.thresholds import observed_rate
 
 if TYPE_CHECKING:  # the report itself needs no torch
-    from gaussian_ad.evaluation.evaluate import Evaluation
+    from gaussian_ad.evaluation.evaluate import Evaluation, ThresholdReport
     from gaussian_ad.stats.calibration import Calibration
 
 FIGURE_DPI = 100
@@ -220,7 +220,7 @@ def report_data(
     else:
         thresholds = {}
     levels = list(params.get("levels", range(1, test.level_scores.shape[1] + 1)))
-    rules, rule_metrics = _level_rules(evaluation.thresholds.thresholds, levels, evaluation)
+    rules, rule_metrics = _level_rules(evaluation.thresholds, levels)
     maps, curve, scale = None, None, None
     if test.maps is not None:
         if calibration is not None and calibration.standardizer is not None:
@@ -305,13 +305,11 @@ def _validated(data: ReportData) -> tuple[np.ndarray, np.ndarray]:
     return labels.astype(int), scores
 
 
-def _level_rules(
-    thresholds: dict[str, Any], levels: list[int], evaluation: Evaluation
-) -> tuple[list[LevelRule], set[str]]:
+def _level_rules(report: ThresholdReport, levels: list[int]) -> tuple[list[LevelRule], set[str]]:
     """The chi-square rules of a threshold report, and the metric names they take over."""
-    metrics = evaluation.thresholds.metrics
+    metrics = report.metrics
     rules, used = [], set()
-    for key, per_level in thresholds.items():
+    for key, per_level in report.thresholds.items():
         if not key.startswith("chi2_"):
             continue
         names = {
