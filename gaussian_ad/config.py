@@ -47,6 +47,9 @@ class DetectorConfig:
     score : the score that ranks and thresholds images: "image", "patch" or "fused".
     patch : also fit the patch-level model (anomaly maps); required by "patch"/"fused".
     patch_grid, patch_channels : the patch layout (None grid: the stride-8 grid).
+    patch_pool_radius : which training patches each grid position's Gaussian pools: 0 its
+        own position (PaDiM, aligned products), r the positions within r cells, None all
+        positions (one position-free Gaussian, for products that are not aligned).
     seed : seed of the patch channels, the hold-out split and augmentation.
     pretrained : False only to ask explicitly for random backbone weights.
 
@@ -70,6 +73,7 @@ class DetectorConfig:
     patch: bool = False
     patch_grid: int | None = None
     patch_channels: int = DEFAULT_PATCH_CHANNELS
+    patch_pool_radius: int | None = 0
     seed: int = 0
     pretrained: bool = True
 
@@ -97,6 +101,10 @@ class DetectorConfig:
             raise ValueError(f"patch_grid: must be >= 1 or None, got {self.patch_grid}")
         if self.patch_channels < 1:
             raise ValueError(f"patch_channels: must be >= 1, got {self.patch_channels}")
+        if self.patch_pool_radius is not None and self.patch_pool_radius < 0:
+            raise ValueError(
+                f"patch_pool_radius: must be >= 0 or None, got {self.patch_pool_radius}"
+            )
 
     @property
     def image_size(self) -> int:

@@ -54,6 +54,7 @@ def test_fit_then_score_writes_one_row_per_image(small_dataset, tmp_path):
         "score_l8",
         "score_l9",
         "is_anomaly",
+        "normalized_score",
     ]
     assert not table["is_anomaly"].any()
     assert "broken.png" in output and "not an image" in output

@@ -123,17 +123,32 @@ class Detector:
         backbone = self.backbone_module()
         layout = PatchLayout.for_config(backbone, self.config) if self.config.patch else None
         passed = training_pass(backbone, sources, self.loader, layout, progress)
-        levels = self.image_levels_of(passed.pooled)
         keys = [source_label(sources[i], i) for i in passed.index]
+        return self.fit_pass(passed, keys, layout, backbone.weights_fingerprint, target_fpr)
+
+    def fit_pass(
+        self,
+        passed: TrainingPass,
+        keys: Sequence[str],
+        layout: PatchLayout | None,
+        weights_fingerprint: str | None,
+        target_fpr: float = 0.01,
+    ) -> Self:
+        """:meth:`fit` from a :func:`training_pass` already made (``keys`` name its rows, for
+        the folds), so several configurations can share one backbone pass. The pass must
+        hold this configuration's levels (and, with a patch model, ``layout``'s patches)."""
+        if self.config.patch != (passed.patches is not None):
+            raise ValueError(f"patch={self.config.patch}, but the pass has no patch features")
+        levels = pick_levels(passed.pooled, passed.levels, self.config.image_levels)
         folds = fold_ids(keys, seed=self.config.seed)  # the folds a store of them would get
         patches, patch_total = passed.patches, passed.patch_sums
         self.set_models(
             self._image_model().fit(levels),
-            None if patch_total is None else PatchGaussian().fit_moments(patch_total),
+            None if patch_total is None else self._patch_model().fit_moments(patch_total),
             layout,
             passed.errors,
         )
-        self.weights_fingerprint_ = backbone.weights_fingerprint
+        self.weights_fingerprint_ = weights_fingerprint
 
         def fold_models(k: int) -> tuple[GaussianAD, PatchGaussian | None]:
             kept = folds != k
@@ -141,7 +156,7 @@ class Detector:
             if patch_total is None:
                 return image, None
             held = BatchMoments.from_array(patches[~kept], patch_total.shift)
-            return image, PatchGaussian().fit_moments(patch_total - held)
+            return image, self._patch_model().fit_moments(patch_total - held)
 
         def fold_scores(held_out: Detector, k: int) -> Scores:
             rows = np.flatnonzero(folds == k)
@@ -207,12 +222,12 @@ class Detector:
         def fold_models(k: int) -> tuple[GaussianAD, PatchGaussian | None]:
             if patch_total is None:
                 return image_model(k), None
-            return image_model(k), PatchGaussian().fit_moments(patch_total - patch_parts[k])
+            return image_model(k), self._patch_model().fit_moments(patch_total - patch_parts[k])
 
         def fold_scores(held_out: Detector, k: int) -> Scores:
             return score_store_rows(held_out, store, rows[folds == k])
 
-        patch_model = None if patch_total is None else PatchGaussian().fit_moments(patch_total)
+        patch_model = None if patch_total is None else self._patch_model().fit_moments(patch_total)
         self.set_models(image_model(None), patch_model, layout, store.errors())
         self.weights_fingerprint_ = store.config.get("weights_fingerprint")
         logger.info("fitted on %d rows of %s", self.model_.n_samples_, store.url)
@@ -240,6 +255,9 @@ class Detector:
         self.oof_scores_ = scores.take(np.argsort(scores.index, kind="stable"))
         return self.calibrate_scores(self.oof_scores_, target_fpr)
 
+    def _patch_model(self) -> PatchGaussian:
+        return PatchGaussian(pool_radius=self.config.patch_pool_radius)
+
     def _image_model(self) -> GaussianAD:
         return GaussianAD(
             reduction=self.config.reduction, variance_threshold=self.config.variance_threshold
@@ -259,6 +277,11 @@ class Detector:
             raise ValueError(
                 f"patch={self.config.patch} needs "
                 + ("a patch model and its layout" if self.config.patch else "no patch model")
+            )
+        if patch_model is not None and patch_model.pool_radius != self.config.patch_pool_radius:
+            raise ValueError(
+                f"the patch model pools radius {patch_model.pool_radius}, the configuration "
+                f"{self.config.patch_pool_radius}"
             )
         if len(model.n_features_in_) != len(self.config.image_levels):
             raise ValueError(
@@ -456,6 +479,7 @@ class TrainingPass:
     twice, cross-fitting scores the patch features out of fold)."""
 
     pooled: list[np.ndarray]
+    levels: tuple[int, ...]  # the backbone levels of ``pooled``
     index: np.ndarray
     patches: np.ndarray | None
     patch_sums: BatchMoments | None
@@ -480,7 +504,9 @@ def training_pass(
         )
     patches = features.patches
     patch_sums = None if patches is None else BatchMoments.from_array(patches)
-    return TrainingPass(features.pooled, features.index, patches, patch_sums, features.errors)
+    return TrainingPass(
+        features.pooled, backbone.levels, features.index, patches, patch_sums, features.errors
+    )
 
 
 def _row_mask(n_rows: int, rows: np.ndarray) -> np.ndarray:

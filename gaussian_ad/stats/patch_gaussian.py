@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, uniform_filter
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
@@ -38,6 +38,48 @@ from gaussian_ad.stats.moments import BatchMoments
 DEFAULT_SIGMA = 4.0  # PaDiM's smoothing of the upsampled map
 FORMAT_VERSION = 2
 POSITIONS_PER_CHUNK = 256  # positions per Ledoit-Wolf / inverse step (bounds temporaries)
+
+
+def pool_positions(moments: BatchMoments, radius: int | None) -> BatchMoments:
+    """Each position's statistics pooled with its neighbours' (exact sums).
+
+    ``radius`` 0 returns ``moments``; r > 0 gives every position the rows of the
+    (2r + 1) x (2r + 1) positions around it (edge positions repeated, so every window holds
+    (2r + 1)^2 positions' rows); None pools every position into one set (a position-free
+    model: one Gaussian for all patches). All sets are first re-expressed around one shift.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gaussian_ad.stats.moments import BatchMoments
+    >>> from gaussian_ad.stats.patch_gaussian import pool_positions
+    >>> x = np.random.default_rng(0).normal(size=(5, 9, 2))  # 5 images, 3 x 3 grid
+    >>> pooled = pool_positions(BatchMoments.from_array(x), None)
+    >>> pooled.n, pooled.n_sets, bool(np.allclose(pooled.mean[0], x.reshape(-1, 2).mean(0)))
+    (45, 1, True)
+    >>> pool_positions(BatchMoments.from_array(x), 1).n
+    45
+    """
+    if radius == 0:
+        return moments
+    common = moments.mean.mean(axis=0)
+    same = moments.reshifted(np.broadcast_to(common, moments.shift.shape))
+    sums = (same.sum_y, same.sum_yy, same.sum_y2y, same.sum_y4)
+    if radius is None:
+        pooled = [a.sum(axis=0, keepdims=True) for a in sums]
+        return BatchMoments(moments.n * moments.n_sets, common[None].copy(), *pooled)
+    grid = math.isqrt(moments.n_sets)
+    window = 2 * radius + 1
+
+    def box_sum(values: np.ndarray) -> np.ndarray:
+        tiled = values.reshape(grid, grid, *values.shape[1:])
+        size = (window, window) + (1,) * (values.ndim - 1)
+        summed = uniform_filter(tiled, size=size, mode="nearest") * window**2
+        return summed.reshape(values.shape)
+
+    pooled = [box_sum(a) for a in sums]
+    shift = np.broadcast_to(common, moments.shift.shape).copy()
+    return BatchMoments(moments.n * window**2, shift, *pooled)
 
 
 def upsample_bilinear(grids: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -86,22 +128,29 @@ class PatchGaussian(BaseEstimator):
     sigma : float, default=4.0
         Standard deviation, in output pixels, of the Gaussian that smooths the anomaly
         maps (PaDiM's 4); finite and >= 0 (0 does not smooth).
+    pool_radius : int or None, default=0
+        Which training patches each position's Gaussian is fitted on. 0: the patches at
+        that position only (PaDiM; assumes aligned images). r > 0: the patches within r
+        grid cells of it (tolerates shifts of about r cells). None: the patches of every
+        position, one Gaussian for all (position-free: for products that are not aligned,
+        such as loose parts in a tray). The sums stay per position (``moments_``), so merges
+        and leave-fold-out subtractions stay exact whatever the pooling.
 
     Attributes
     ----------
     moments_ : BatchMoments
-        The training sums, one row set per position.
+        The training sums, one row set per position (before pooling).
     grid_ : int
         Side of the square grid of positions: P = grid_ ** 2.
-    means_ : ndarray of shape (P, d)
+    means_ : ndarray of shape (P, d), or (1, d) with ``pool_radius=None``
         Mean per position.
-    precisions_ : ndarray of shape (P, d, d)
+    precisions_ : ndarray of shape (P, d, d), or (1, d, d) with ``pool_radius=None``
         Inverse Ledoit-Wolf covariance per position (symmetrised).
-    shrinkages_ : ndarray of shape (P,)
+    shrinkages_ : ndarray of shape (P,), or (1,) with ``pool_radius=None``
         Ledoit-Wolf shrinkage per position.
     n_samples_ : int
         Number of training images.
-    covariances_ : ndarray of shape (P, d, d)
+    covariances_ : ndarray of shape (P, d, d), or (1, d, d) with ``pool_radius=None``
         Ledoit-Wolf covariances, recomputed from the sums on access (a property).
     metadata_ : dict
         Only on models read by :meth:`load`: the metadata passed to :meth:`save`.
@@ -141,8 +190,9 @@ class PatchGaussian(BaseEstimator):
     (1, 1)
     """
 
-    def __init__(self, *, sigma: float = DEFAULT_SIGMA):
+    def __init__(self, *, sigma: float = DEFAULT_SIGMA, pool_radius: int | None = 0):
         self.sigma = sigma
+        self.pool_radius = pool_radius
 
     def __sklearn_is_fitted__(self) -> bool:
         """Fitted once the per-position Gaussians exist."""
@@ -157,6 +207,11 @@ class PatchGaussian(BaseEstimator):
             or sigma < 0
         ):
             raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        radius = self.pool_radius
+        if radius is not None and (
+            not isinstance(radius, numbers.Integral) or isinstance(radius, bool) or radius < 0
+        ):
+            raise ValueError(f"pool_radius must be an integer >= 0 or None, got {radius!r}")
 
     # ----------------------------------------------------------------- fitting
     def fit(self, features: np.ndarray) -> Self:
@@ -176,7 +231,13 @@ class PatchGaussian(BaseEstimator):
         grid = math.isqrt(moments.n_sets)
         if grid * grid != moments.n_sets:
             raise ValueError(f"{moments.n_sets} positions do not form a square grid")
+        raw, moments = moments, pool_positions(moments, self.pool_radius)
         degenerate = np.flatnonzero(zero_variance(moments))
+        if degenerate.size and moments.n_sets == 1:
+            raise ValueError(
+                "the training images' patches are (numerically) all identical: a Gaussian "
+                "needs training images that differ"
+            )
         if degenerate.size:
             first = int(degenerate[0])
             raise ValueError(
@@ -194,19 +255,19 @@ class PatchGaussian(BaseEstimator):
                 covariance, shrinkages[chunk] = moments.take(chunk).ledoit_wolf()
                 precision = np.linalg.inv(covariance)  # shrunk: positive definite
                 precisions[chunk] = 0.5 * (precision + precision.swapaxes(-1, -2))
-        self.moments_ = moments
+        self.moments_ = raw
         self.grid_ = grid
         self.means_ = moments.mean
         self.precisions_ = precisions
         self.shrinkages_ = shrinkages
-        self.n_samples_ = moments.n
+        self.n_samples_ = raw.n
         return self
 
     @property
     def covariances_(self) -> np.ndarray:
         """Ledoit-Wolf covariances (P, d, d), recomputed from the sums (not kept in memory)."""
         check_is_fitted(self, "means_", msg=NOT_FITTED)
-        return self.moments_.ledoit_wolf()[0]
+        return pool_positions(self.moments_, self.pool_radius).ledoit_wolf()[0]
 
     def partial_fit(self, features: np.ndarray) -> Self:
         """Merge new normal (n, P, d) features into the statistics and refit (exact)."""
@@ -224,10 +285,9 @@ class PatchGaussian(BaseEstimator):
         """Unsquared Mahalanobis distance per position: (B, grid, grid) float64."""
         check_is_fitted(self, "means_", msg=NOT_FITTED)
         features = np.asarray(features)
-        if features.ndim != 3 or features.shape[1:] != self.means_.shape:
-            raise ValueError(
-                f"features of shape {features.shape}, expected (B, *{self.means_.shape})"
-            )
+        expected = (self.grid_**2, self.means_.shape[-1])
+        if features.ndim != 3 or features.shape[1:] != expected:
+            raise ValueError(f"features of shape {features.shape}, expected (B, *{expected})")
         diff = features.astype(np.float64).transpose(1, 0, 2) - self.means_[:, None, :]
         with threadpool_limits(1, user_api="blas"):
             squared = np.einsum("pbi,pbi->bp", diff @ self.precisions_, diff)
@@ -254,6 +314,7 @@ class PatchGaussian(BaseEstimator):
         header = {
             "format_version": FORMAT_VERSION,
             "sigma": self.sigma,
+            "pool_radius": self.pool_radius,
             "metadata": metadata or {},
         }
         return write_arrays(path, self.moments_.to_arrays("moments."), "gaussian_ad_patch", header)
@@ -267,7 +328,7 @@ class PatchGaussian(BaseEstimator):
         what = "patch-level model"
         header, arrays = read_arrays(path, "gaussian_ad_patch", FORMAT_VERSION, what)
         with model_file_errors(path, what):
-            model = cls(sigma=header["sigma"])
+            model = cls(sigma=header["sigma"], pool_radius=header.get("pool_radius", 0))
             model.fit_moments(BatchMoments.from_arrays(arrays, "moments."))
             model.metadata_ = dict(header["metadata"])
         return model

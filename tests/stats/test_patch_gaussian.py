@@ -15,7 +15,7 @@ from sklearn.exceptions import NotFittedError
 
 from gaussian_ad.stats.arrayfile import read_arrays, write_arrays
 from gaussian_ad.stats.moments import BatchMoments
-from gaussian_ad.stats.patch_gaussian import PatchGaussian, upsample_bilinear
+from gaussian_ad.stats.patch_gaussian import PatchGaussian, pool_positions, upsample_bilinear
 
 
 def patches(rng: np.random.Generator, n: int, p: int, d: int, offset: float = 0.0) -> np.ndarray:
@@ -27,7 +27,7 @@ def patches(rng: np.random.Generator, n: int, p: int, d: int, offset: float = 0.
 
 
 def test_init_stores_keyword_parameters_only():
-    assert vars(PatchGaussian()) == {"sigma": 4.0}
+    assert vars(PatchGaussian()) == {"sigma": 4.0, "pool_radius": 0}
     marker = object()
     assert PatchGaussian(sigma=marker).sigma is marker
     with pytest.raises(TypeError):
@@ -39,12 +39,12 @@ def test_get_params_set_params_clone_round_trip():
     rng = np.random.default_rng(0)
     x = patches(rng, 20, 4, 3)
     model = PatchGaussian(sigma=2.0)
-    assert model.get_params() == {"sigma": 2.0}
+    assert model.get_params() == {"sigma": 2.0, "pool_radius": 0}
     assert repr(model) == "PatchGaussian(sigma=2.0)"
     assert model.set_params(sigma=1.5) is model and model.sigma == 1.5
     model.fit(x)
     copy = clone(model)
-    assert copy.get_params() == {"sigma": 1.5}
+    assert copy.get_params() == {"sigma": 1.5, "pool_radius": 0}
     assert not [name for name in vars(copy) if name.endswith("_")]
     with pytest.raises(NotFittedError):
         copy.score_maps(x)
@@ -306,3 +306,62 @@ def test_stats_core_imports_no_torch_prefect_or_mlflow():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.splitlines() == ["[]", "[]"], out
+
+
+def test_position_free_model_is_ledoit_wolf_on_every_patch():
+    rng = np.random.default_rng(7)
+    x = patches(rng, 12, 9, 4)
+    model = PatchGaussian(pool_radius=None).fit(x)
+    reference = LedoitWolf().fit(x.reshape(-1, 4))
+    assert model.means_.shape == (1, 4) and model.precisions_.shape == (1, 4, 4)
+    np.testing.assert_allclose(model.means_[0], reference.location_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(model.covariances_[0], reference.covariance_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(model.shrinkages_[0], reference.shrinkage_, rtol=1e-9)
+    test = patches(rng, 3, 9, 4)
+    expected = np.sqrt(reference.mahalanobis(test.reshape(-1, 4))).reshape(3, 3, 3)
+    np.testing.assert_allclose(model.score_maps(test), expected, rtol=1e-8)
+    assert model.n_samples_ == 12 and model.moments_.n_sets == 9  # the sums stay per position
+
+
+def test_neighbourhood_pooling_is_ledoit_wolf_on_the_window_with_edges_repeated():
+    rng = np.random.default_rng(8)
+    x = patches(rng, 10, 16, 3)  # a 4 x 4 grid
+    model = PatchGaussian(pool_radius=1).fit(x)
+    grid = x.reshape(10, 4, 4, 3)
+    for row, column in [(1, 2), (0, 0), (3, 1)]:
+        rows = np.clip(np.arange(row - 1, row + 2), 0, 3)
+        columns = np.clip(np.arange(column - 1, column + 2), 0, 3)
+        window = grid[:, rows][:, :, columns].reshape(-1, 3)  # edge positions repeat
+        reference = LedoitWolf().fit(window)
+        position = row * 4 + column
+        np.testing.assert_allclose(model.means_[position], reference.location_, rtol=1e-9)
+        np.testing.assert_allclose(
+            model.covariances_[position], reference.covariance_, rtol=1e-8, atol=1e-12
+        )
+    assert pool_positions(model.moments_, 0) is model.moments_
+
+
+def test_pooled_leave_fold_out_model_equals_a_fit_on_the_other_folds():
+    rng = np.random.default_rng(9)
+    x = patches(rng, 20, 9, 3)
+    total = BatchMoments.from_array(x)
+    held = BatchMoments.from_array(x[:5], total.shift)
+    for radius in (None, 1):
+        subtracted = PatchGaussian(pool_radius=radius).fit_moments(total - held)
+        direct = PatchGaussian(pool_radius=radius).fit(x[5:])
+        np.testing.assert_allclose(subtracted.precisions_, direct.precisions_, rtol=1e-9)
+        np.testing.assert_allclose(subtracted.means_, direct.means_, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("radius", [-1, 1.5, True, "all"])
+def test_invalid_pool_radius_is_rejected_by_name(radius):
+    with pytest.raises(ValueError, match="pool_radius"):
+        PatchGaussian(pool_radius=radius).fit(patches(np.random.default_rng(1), 5, 4, 2))
+
+
+def test_pool_radius_survives_save_and_load(tmp_path):
+    x = patches(np.random.default_rng(2), 8, 4, 2)
+    model = PatchGaussian(pool_radius=None).fit(x)
+    loaded = PatchGaussian.load(model.save(tmp_path / "p.safetensors"))
+    assert loaded.pool_radius is None
+    np.testing.assert_array_equal(loaded.score_maps(x), model.score_maps(x))
