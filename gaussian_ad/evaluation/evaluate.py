@@ -18,19 +18,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
-from gaussian_ad.data.images import ImageError, ImageRecord, load_masks, mvtec_manifest
+from gaussian_ad.data.images import ImageError, ImageRecord, mvtec_manifest
 from gaussian_ad.detection.detector import Detector, score_store_rows
 from gaussian_ad.detection.scores import Scores
 from gaussian_ad.stats.calibration import combine
 from gaussian_ad.stats.gaussian import GaussianAD
-from gaussian_ad.stats.metrics import auroc, level_aurocs, mean_sem, pixel_auroc, pro_auc
+from gaussian_ad.stats.metrics import (
+    auroc,
+    level_aurocs,
+    mean_sem,
+    pixel_auroc,
+    pro_area,
+    pro_curve,
+)
+from gaussian_ad.stats.patch_gaussian import upsample_bilinear
 from gaussian_ad.stats.thresholds import empirical_threshold, observed_rate, sigma_to_fpr
 from gaussian_ad.store.feature_store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
+PRO_POINTS = 501  # the PRO curve an evaluation keeps, at evenly spaced FPRs
+PIXEL_MAX_SIDE = 1024  # pixel metrics at the masks' resolution, at most this long a side
 SIGMAS = (1, 2, 3, 4, 5)
 TARGET_FPRS = (0.01, 0.001)
 
@@ -103,6 +114,7 @@ class Evaluation:
     thresholds: ThresholdReport
     pixel_auroc: float | None = None
     pro: float | None = None
+    pro_points: tuple[np.ndarray, np.ndarray] | None = None  # (FPR, PRO), PRO_POINTS each
 
     @property
     def auroc(self) -> float:
@@ -129,7 +141,8 @@ def evaluate(
     """Evaluate a calibrated detector; ``labels`` and ``mask_paths`` align with ``test``'s rows.
 
     ``test`` gets its chosen scores and decisions filled in. Pixel metrics need the test
-    maps (score with ``maps=True``); they are taken at the backbone's input size.
+    maps (score with ``maps=True``); they are taken at the ground truth's resolution (see
+    :func:`pixel_metrics`).
     """
     calibration = detector.calibration_
     if calibration is None:
@@ -141,10 +154,9 @@ def evaluate(
         aurocs["patch"] = auroc(labels, test.patch_scores)
         fused = combine("fused", test.image_scores, test.patch_scores, calibration.standardizer)
         aurocs["fused"] = auroc(labels, fused)
-    pixel, pro = None, None
+    pixel, pro, points = None, None, None
     if test.maps is not None and mask_paths is not None and any(mask_paths):
-        masks = load_masks(list(mask_paths), test.maps.shape[-1])
-        pixel, pro = pixel_auroc(masks, test.maps), pro_auc(masks, test.maps)
+        pixel, pro, points = pixel_metrics(test.maps, mask_paths)
     return Evaluation(
         kind=detector.config.score,
         labels=labels,
@@ -162,7 +174,41 @@ def evaluate(
         ),
         pixel_auroc=pixel,
         pro=pro,
+        pro_points=points,
     )
+
+
+def pixel_metrics(
+    maps: np.ndarray, mask_paths: Sequence[str | None], max_side: int = PIXEL_MAX_SIDE
+) -> tuple[float, float, tuple[np.ndarray, np.ndarray]]:
+    """Pixel AUROC, PRO up to FPR 0.3 and the PRO curve (at ``PRO_POINTS`` evenly spaced
+    FPRs) of square anomaly maps against ground-truth masks.
+
+    As the MVTec AD evaluation: at the masks' own resolution. The maps cover the whole image
+    (resized to a square without crop), so each is resized bilinearly to the masks' height
+    and width, which are those of the first mask, reduced to at most ``max_side`` pixels on
+    the longer side (memory: about 40 bytes a pixel). Masks of another size are resized
+    with nearest neighbour; None stands for an all-normal image.
+    """
+    first = next(path for path in mask_paths if path is not None)
+    with Image.open(first) as image:
+        width, height = image.size
+    scale = min(1.0, max_side / max(width, height))
+    height, width = max(1, round(height * scale)), max(1, round(width * scale))
+    masks = np.zeros((len(mask_paths), height, width), dtype=bool)
+    for i, path in enumerate(mask_paths):
+        if path is not None:
+            with Image.open(path) as mask:
+                gray = mask.convert("L")
+                if gray.size != (width, height):
+                    gray = gray.resize((width, height), Image.Resampling.NEAREST)
+                masks[i] = np.asarray(gray) > 127
+    resized = np.empty(masks.shape, dtype=np.float32)
+    for start in range(0, len(maps), 16):  # bounded float64 temporaries
+        resized[start : start + 16] = upsample_bilinear(maps[start : start + 16], (height, width))
+    fpr, pro = pro_curve(masks, resized)
+    grid = np.linspace(0.0, 1.0, PRO_POINTS)
+    return pixel_auroc(masks, resized), pro_area(fpr, pro), (grid, np.interp(grid, fpr, pro))
 
 
 # --------------------------------------------------------------------------- protocols

@@ -35,9 +35,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from gaussian_ad.data.images import load_masks
 from gaussian_ad.scoring.overlays import SCALE_SDS, map_range, overlay
-from gaussian_ad.stats.metrics import Confusion, confusion, pro_curve
+from gaussian_ad.stats.metrics import Confusion, confusion
 from gaussian_ad.stats.thresholds import observed_rate
 
 if TYPE_CHECKING:  # the report itself needs no torch
@@ -48,7 +47,6 @@ FIGURE_DPI = 100
 N_WORST = 8  # most anomalous test images shown
 N_ERRORS = 24  # false positives (and false negatives) shown at most
 MAP_COLORMAP = "jet"  # the colormap of gaussian_ad.scoring.overlays.overlay, for the colour bar
-PRO_POINTS = 501  # the PRO curve is kept at this many evenly spaced FPRs
 THRESHOLD_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 DECISION_COLOR = "#d62728"
 
@@ -228,8 +226,7 @@ def report_data(
         groups = _gallery_rows(labels, scores, evaluation.threshold).values()
         shown = np.unique(np.concatenate([rows for rows, _ in groups]))
         maps = {paths[i]: test.maps[i] for i in shown}
-        if masks is not None and any(masks):
-            curve = _pro_points(*pro_curve(load_masks(list(masks), test.maps.shape[-1]), test.maps))
+        curve = evaluation.pro_points
     metrics = {**evaluation.summary_metrics(), **evaluation.thresholds.metrics}
     return ReportData(
         title=title,
@@ -328,13 +325,6 @@ def _level_rules(report: ThresholdReport, levels: list[int]) -> tuple[list[Level
             )
         )
     return rules, used
-
-
-def _pro_points(fpr: np.ndarray, pro: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The PRO curve at ``PRO_POINTS`` evenly spaced FPRs (the exact one has a point per
-    distinct pixel score)."""
-    grid = np.linspace(0.0, 1.0, PRO_POINTS)
-    return grid, np.interp(grid, fpr, pro)
 
 
 def _gallery_rows(

@@ -83,9 +83,13 @@ def pro_auc(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
     The curve is integrated with the trapezoidal rule and cut at ``max_fpr`` by linear
     interpolation, as the MVTec AD evaluation code does.
     """
+    return pro_area(*pro_curve(masks, maps), max_fpr=max_fpr)
+
+
+def pro_area(fpr: np.ndarray, pro: np.ndarray, max_fpr: float = 0.3) -> float:
+    """:func:`pro_auc` of a curve already computed by :func:`pro_curve`."""
     if not 0.0 < max_fpr <= 1.0:
         raise ValueError(f"max_fpr must lie in (0, 1], got {max_fpr}")
-    fpr, pro = pro_curve(masks, maps)
     inside = fpr <= max_fpr
     x, y = fpr[inside], pro[inside]
     area = float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))

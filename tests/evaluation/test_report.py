@@ -276,6 +276,7 @@ def test_report_data_of_an_evaluation(tmp_path: Path):
         thresholds=ThresholdReport({**rule, "empirical_fpr0.01": 5.0}, rule_metrics),
         pixel_auroc=0.95,
         pro=0.9,
+        pro_points=(np.linspace(0.0, 1.0, 5), np.array([0.0, 0.5, 0.8, 0.9, 1.0])),
     )
     mask_file = tmp_path / "mask.png"
     Image.fromarray(np.eye(4, dtype=np.uint8) * 255).save(mask_file)
