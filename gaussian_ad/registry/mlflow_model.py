@@ -28,6 +28,7 @@ from mlflow.types import ColSpec, Schema
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
 from gaussian_ad.detection.detector import Detector
+from gaussian_ad.detection.scores import Scores
 from gaussian_ad.evaluation.evaluate import Evaluation, store_auroc
 from gaussian_ad.evaluation.report import report_data, write_report
 from gaussian_ad.features.extract import source_label
@@ -66,9 +67,10 @@ class PyfuncDetector:
         :func:`detector_signature`), or, called directly, a list or Series of paths or
         arrays (N, H, W, 3).
 
-        Returns one row per input: path (or the array position), score, per-level
-        scores score_l<level>, image_score and patch_score (with a patch model),
-        is_anomaly, and error (empty when the image decoded; NaN scores then).
+        Returns one row per input: the columns of
+        :func:`~gaussian_ad.scoring.tables.score_table` (path or the array position, score,
+        per-level scores score_l<level>, image_score and patch_score with a patch model,
+        is_anomaly, ...), and error (empty when the image decoded; NaN scores then).
         """
         if isinstance(model_input, pd.DataFrame):
             sources = model_input["path" if "path" in model_input else model_input.columns[0]]
@@ -78,13 +80,17 @@ class PyfuncDetector:
         else:
             sources = list(model_input)
         result = self.detector.score(sources)
-        names = [source_label(s, i) for i, s in enumerate(sources)]
+        return self.table([source_label(s, i) for i, s in enumerate(sources)], result)
+
+    def table(self, names: list[str], result: Scores) -> pd.DataFrame:
+        """The output of :meth:`predict`: one row per name, from the scores of those that
+        decoded (``result.index`` into ``names``) and the errors of the others."""
         levels = self.detector.config.image_levels
         scored = score_table([names[i] for i in result.index], result, levels)
         table = scored.set_index(result.index).reindex(range(len(names)))
-        table["path"] = names
+        table["path"] = np.array(names, dtype=object)  # text even when there is no row
         failed = {e.path: e.reason for e in result.errors}
-        table["error"] = [failed.get(name, "") for name in names]
+        table["error"] = np.array([failed.get(name, "") for name in names], dtype=object)
         return table.reset_index(drop=True)
 
 
@@ -95,13 +101,21 @@ def _load_pyfunc(data_path: str) -> PyfuncDetector:
 
 def detector_signature(detector: Detector) -> ModelSignature:
     """The pyfunc's contract: a "path" column of image paths or URIs in, and out the columns
-    :meth:`PyfuncDetector.predict` returns, in its order."""
-    outputs = [ColSpec("string", "path"), ColSpec("double", "score")]
-    outputs += [ColSpec("double", f"score_l{level}") for level in detector.config.image_levels]
-    if detector.patch_model_ is not None:
-        outputs += [ColSpec("double", "image_score"), ColSpec("double", "patch_score")]
-    outputs += [ColSpec("boolean", "is_anomaly"), ColSpec("string", "error")]
+    :meth:`PyfuncDetector.predict` returns, in its order (read off its table of no image)."""
+    table = PyfuncDetector(detector).table([], detector.empty_scores())
+    outputs = [ColSpec(_column_type(table[name]), name) for name in table.columns]
     return ModelSignature(inputs=Schema([ColSpec("string", "path")]), outputs=Schema(outputs))
+
+
+def _column_type(column: pd.Series) -> str:
+    """MLflow's name of a table column's type."""
+    if pd.api.types.is_bool_dtype(column):
+        return "boolean"
+    if pd.api.types.is_integer_dtype(column):
+        return "long"
+    if pd.api.types.is_float_dtype(column):
+        return "double"
+    return "string"
 
 
 def log_detector(detector: Detector, name: str = "model") -> mlflow.models.model.ModelInfo:

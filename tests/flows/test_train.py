@@ -37,36 +37,125 @@ def trained(small_dataset, prefect_harness, mlflow_uri, tmp_path_factory) -> dic
     return {**result, "home": str(home)}
 
 
+HEADLINE_METRICS = {
+    "auroc",
+    "auroc_image",
+    "threshold",
+    "test_fpr",
+    "test_recall",
+    "heldout_fpr",
+    "n_train",
+}
+
+
+def flow_run_artifacts(flow_run_id: str) -> list:
+    """The Prefect artifacts of a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+def flow_run_name(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).name
+
+
 def test_training_registers_a_tagged_champion(trained, mlflow_uri):
     client = MlflowClient(mlflow_uri)
     version = client.get_model_version_by_alias(NAME, "champion")
     assert version.version == trained["version"]
-    assert client.get_model_version_by_alias(NAME, "challenger").version == trained["version"]
+    # A first version is the champion, and nothing challenges it.
+    aliases = client.get_registered_model(NAME).aliases
+    assert {alias: str(v) for alias, v in aliases.items()} == {"champion": trained["version"]}
     tags = version.tags
-    for key in ("auroc", "threshold", "thresholds", "backbone", "levels", "n_train"):
+    for key in ("auroc", "threshold", "backbone", "levels", "n_train", "promoted"):
         assert tags[key], key
+    assert max(len(value) for value in tags.values()) <= 64  # short tags, no JSON
     assert float(tags["auroc"]) == pytest.approx(trained["auroc"], abs=1e-6)
     assert float(tags["auroc"]) >= 0.9
     assert tags["backbone"] == "lite0"
     assert tags["levels"] == "1,2,3,4,5,6,7,8,9"
     assert int(tags["n_train"]) == 25  # every train/good image (calibrated out of fold)
     assert len(tags["data_fingerprint"]) >= 16
-    thresholds = json.loads(tags["thresholds"])
-    assert len(thresholds["chi2_sigma3"]) == 9
-    # The image score's threshold is the empirical one at the default target FPR.
-    assert float(tags["threshold"]) == pytest.approx(thresholds["empirical_fpr0.01"])
+    assert tags["promoted"] == "True"
     run = client.get_run(trained["run_id"])
     assert run.data.metrics["auroc"] == pytest.approx(trained["auroc"])
-    assert "auroc_l9" in run.data.metrics
-    assert "chi2_sigma3_l9_observed_fpr" in run.data.metrics
+    assert set(run.data.metrics) == HEADLINE_METRICS
+    assert run.data.metrics["n_train"] == 25
+    assert 0 <= run.data.metrics["test_fpr"] <= 1 and run.data.metrics["test_recall"] >= 0.5
     assert run.data.params["data_fingerprint"] == tags["data_fingerprint"]
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in client.list_artifacts(trained["run_id"])}
-    assert {"report.html", "thresholds.json"} <= artifacts
+    assert {"report.html", "chi2_levels.json"} <= artifacts
+    local = mlflow.artifacts.download_artifacts(f"runs:/{trained['run_id']}/chi2_levels.json")
+    levels = json.loads(Path(local).read_text())
+    assert levels["levels"] == list(range(1, 10)) and len(levels["auroc"]) == 9
+    sigma3 = levels["chi2"]["sigma3"]
+    assert len(sigma3["threshold"]) == len(sigma3["observed_fpr"]) == len(sigma3["tpr"]) == 9
+    assert sigma3["predicted_fpr"] == pytest.approx(0.0027, abs=1e-4)
+    # The image score's threshold is the empirical one at the default target FPR.
+    assert float(tags["threshold"]) == pytest.approx(levels["empirical"]["fpr0.01"]["threshold"])
     # Extraction shards ran on the local Dask cluster's workers.
     assert trained["shards"]
     assert all(s["worker"].startswith(("tcp://", "inproc://")) for s in trained["shards"])
+
+
+def test_descriptions_say_what_was_trained_and_why_it_was_promoted(trained, mlflow_uri):
+    client = MlflowClient(mlflow_uri)
+    version = client.get_model_version(NAME, trained["version"])
+    assert "25 good images" in version.description and "AUROC 1.0000" in version.description
+    assert "Promoted to champion: no champion yet" in version.description
+    model = client.get_registered_model(NAME)
+    assert f"Champion: v{trained['version']}, AUROC" in model.description
+    assert "no champion yet" in model.description
+
+
+def test_run_spans_the_training(trained, mlflow_uri):
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(trained["run_id"])
+    assert run.info.status == "FINISHED"
+    # The store was written after the run started; the version registered before it ended.
+    store_files = [f for f in Path(trained["store"]).rglob("*") if f.is_file()]
+    assert run.info.start_time <= min(f.stat().st_mtime for f in store_files) * 1000
+    version = client.get_model_version(NAME, trained["version"])
+    assert run.info.end_time >= version.creation_timestamp
+    duration = (run.info.end_time - run.info.start_time) / 1000
+    assert duration >= max(s["seconds"] for s in trained["shards"])
+    assert run.data.tags["prefect_flow_run_id"] == trained["flow_run_id"]
+
+
+def test_logged_model_has_a_signature_and_the_category_name(trained, small_dataset, mlflow_uri):
+    info = mlflow.models.get_model_info(f"models:/{NAME}/{trained['version']}")
+    assert info.name == NAME
+    signature = info.signature
+    assert [(c.name, c.type.name) for c in signature.inputs.inputs] == [("path", "string")]
+    outputs = {c.name: c.type.name for c in signature.outputs.inputs}
+    levels = {f"score_l{level}": "double" for level in range(1, 10)}
+    expected = {"path": "string", "score": "double", **levels, "is_anomaly": "boolean"}
+    assert outputs == {**expected, "normalized_score": "double", "error": "string"}
+    paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("test",))][:2]
+    table = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({"path": paths}))
+    assert list(table.columns) == list(outputs)
+
+
+def test_training_publishes_its_headline_figures_to_prefect(trained, mlflow_uri):
+    assert flow_run_name(trained["flow_run_id"]) == f"train-{CATEGORY}"
+    [artifact] = flow_run_artifacts(trained["flow_run_id"])
+    assert artifact.key == f"train-{CATEGORY}" and artifact.type == "markdown"
+    text = artifact.data
+    for figure in ("AUROC", "threshold", "FPR at the threshold", "recall", "promoted"):
+        assert figure in text, figure
+    assert f"| AUROC (image score, ranks and promotes) | {trained['auroc']:.4f} |" in text
+    experiment = MlflowClient(mlflow_uri).get_run(trained["run_id"]).info.experiment_id
+    assert f"{mlflow_uri}/#/experiments/{experiment}/runs/{trained['run_id']}" in text
+    assert f"{mlflow_uri}/#/models/{NAME}/versions/{trained['version']}" in text
 
 
 def test_pyfunc_champion_scores_like_the_detector(trained, small_dataset, mlflow_uri):
@@ -100,6 +189,16 @@ def test_worse_model_does_not_take_champion(trained, small_dataset, tmp_path, ml
     assert client.get_model_version_by_alias(NAME, "champion").version == trained["version"]
     assert client.get_model_version_by_alias(NAME, "challenger").version == result["version"]
     assert "champion kept" in client.get_run(result["run_id"]).data.tags["promotion_reason"]
+    metrics = client.get_run(result["run_id"]).data.metrics
+    assert set(metrics) == HEADLINE_METRICS | {"champion_auroc"}
+    description = client.get_model_version(NAME, result["version"]).description
+    assert f"the champion (v{trained['version']}) scored" in description
+    assert "Not promoted: AUROC" in description and "champion kept" in description
+    model = client.get_registered_model(NAME).description
+    assert f"Champion: v{trained['version']}" in model
+    assert f"Last training: v{result['version']}, not promoted" in model
+    [artifact] = flow_run_artifacts(result["flow_run_id"])
+    assert "| promoted | no: AUROC" in artifact.data
 
 
 @pytest.fixture
@@ -145,6 +244,27 @@ def test_scoring_flow_resumes_with_each_image_once(trained, archive, tmp_path):
     assert rerun["shards_run"] == 2
     table = pd.concat(pd.read_parquet(p) for p in sorted((out / "scores").glob("part-*.parquet")))
     assert len(table) == n_images and table["path"].is_unique
+    # Each scoring flow run published its summary table under the source's key.
+    second, first = scoring_artifacts("score-batch-tar")[:2]
+    assert {flow_run_name(a.flow_run_id) for a in (first, second)} == {"score-batch.tar"}
+    assert first.type == "table"
+    [row] = json.loads(second.data)
+    assert row["scored"] == n_images and row["errors"] == 2
+    assert row["anomalous"] == int(table["is_anomaly"].sum())
+    assert row["output folder"] == str(out)
+
+
+def scoring_artifacts(key: str) -> list:
+    """The artifacts stored under ``key``, newest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC,
+        )
 
 
 def test_nightly_deployment_has_the_configured_cron(small_dataset):
