@@ -11,6 +11,7 @@ import typer
 
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see backbones.models
 
 app = typer.Typer(
     help="Anomaly detection with a Gaussian on pretrained deep features (Rippel et al. 2020).",
@@ -34,6 +35,13 @@ PatchOpt = Annotated[
     bool, typer.Option(help="also the patch-level model: anomaly maps, pixel AUROC, PRO")
 ]
 ScoreOpt = Annotated[str, typer.Option(help="score that ranks images: image, patch or fused")]
+PatchPoolOpt = Annotated[
+    str,
+    typer.Option(
+        help="patch Gaussians: 0 one per position (aligned products), r pooled over r grid "
+        "cells around it, all one position-free Gaussian (parts that move)"
+    ),
+]
 SeedOpt = Annotated[int, typer.Option(help="hold-out split, patch channels and defect seed")]
 TargetFprOpt = Annotated[
     float, typer.Option(help="threshold at this FPR on the normals' out-of-fold scores")
@@ -52,6 +60,7 @@ def _configs(
     device: str | None = None,
     batch_size: int = 32,
     workers: int = 2,
+    patch_pool: str = "0",
 ):
     """The CLI's flags as validated configuration objects; a bad value exits with code 2."""
     from gaussian_ad.config import DetectorConfig, LoaderOptions, parse_reduction
@@ -66,6 +75,7 @@ def _configs(
             variance_threshold=variance_threshold,
             score=score,
             patch=patch,
+            patch_pool_radius=_pool_radius(patch_pool),
             seed=seed,
         )
         loader = LoaderOptions(
@@ -74,6 +84,16 @@ def _configs(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     return config, loader
+
+
+def _pool_radius(text: str) -> int | None:
+    """``all`` -> None (position-free), else a radius in grid cells."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"patch-pool: 'all' or a radius >= 0, got {text!r}") from None
 
 
 def _report_errors(errors) -> None:
@@ -171,6 +191,7 @@ def fit(
     variance_threshold: VarianceOpt = 0.99,
     patch: PatchOpt = False,
     score: ScoreOpt = "image",
+    patch_pool: PatchPoolOpt = "0",
     target_fpr: TargetFprOpt = 0.01,
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
@@ -208,6 +229,7 @@ def fit(
         device,
         batch_size,
         workers,
+        patch_pool=patch_pool,
     )
     if not 0.0 < target_fpr < 1.0:
         raise typer.BadParameter(f"target-fpr: must lie in (0, 1), got {target_fpr}")
@@ -289,6 +311,7 @@ def evaluate(
     variance_threshold: VarianceOpt = 0.99,
     patch: PatchOpt = False,
     score: ScoreOpt = "image",
+    patch_pool: PatchPoolOpt = "0",
     target_fpr: TargetFprOpt = 0.01,
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
@@ -314,6 +337,7 @@ def evaluate(
         device,
         batch_size,
         workers,
+        patch_pool=patch_pool,
     )
     categories = category or mvtec_categories(data_root)
     if not categories:
@@ -397,6 +421,7 @@ def train(
     augment_passes: Annotated[int, typer.Option(help="K random augmentation passes")] = 0,
     patch: PatchOpt = False,
     score: ScoreOpt = "image",
+    patch_pool: PatchPoolOpt = "0",
     select: Annotated[
         bool, typer.Option(help="choose levels, reduction and score on synthetic defects first")
     ] = False,
@@ -426,6 +451,7 @@ def train(
         device,
         batch_size,
         workers,
+        patch_pool=patch_pool,
     )
     from gaussian_ad_flows.options import TrainOptions
 

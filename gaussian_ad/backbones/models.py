@@ -21,6 +21,12 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+# Idle OpenMP threads (torch's intra-op pool) sleep instead of spinning. On few cores the spin
+# takes the CPU that the decoding threads and the main thread need: on 2 cores it was half the
+# CPU time of an extraction. libgomp reads this when torch loads (so only if torch is not
+# loaded yet); a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import timm
 import torch
 from torch import Tensor, nn
