@@ -310,3 +310,17 @@ def test_select_flags_reach_the_selection(small_dataset, tmp_path):
     selection = json.loads(out.read_text())
     assert selection["seed"] == 1 and selection["n_per_kind"] == 2
     assert selection["counts"]["validation_defective"] == 8  # 4 kinds x 2
+
+
+def test_patch_pool_flag_sets_the_pooling_radius():
+    import pytest
+    import typer
+
+    from gaussian_ad.cli import _configs
+
+    assert _configs(patch=True, patch_pool="all")[0].patch_pool_radius is None
+    assert _configs(patch=True, patch_pool="2")[0].patch_pool_radius == 2
+    assert _configs(patch=True)[0].patch_pool_radius == 0
+    for bad in ("-1", "some"):
+        with pytest.raises(typer.BadParameter, match="patch"):
+            _configs(patch=True, patch_pool=bad)

@@ -15,7 +15,7 @@ removing fused candidates leaves every other candidate's AUROC unchanged.
 Cost. One backbone pass (with every level the grid needs, plus the patch levels) over the
 training images and one over the standardisation half plus the validation set. The pooled
 features of that pass fit one :class:`~gaussian_ad.stats.gaussian.GaussianAD` per distinct
-(levels, reduction) of the grid, in memory; one patch model serves every candidate.
+(levels, reduction) of the grid, in memory; one patch model per pooling radius serves every candidate that uses it.
 
 Ties. The best AUROC (rounded to 9 decimals) wins; among equals the simpler candidate:
 image before fused before patch score, no reduction before a reduction, fewer levels before
@@ -52,7 +52,8 @@ AUROC_DECIMALS = 9  # AUROCs equal to this precision tie
 # --------------------------------------------------------------------------- candidates
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration: image-level levels and reduction, and which score ranks images.
+    """One configuration: image-level levels and reduction, which score ranks images, and
+    the patch model's pooling (``pool_radius``, see DetectorConfig.patch_pool_radius).
 
     A "patch" candidate has no image-level model: ``levels`` and ``reduction`` are None.
     """
@@ -60,6 +61,7 @@ class Candidate:
     levels: str | None = "1-9"
     reduction: str | None = None
     score: str = "image"
+    pool_radius: int | None = 0
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -72,40 +74,58 @@ class Candidate:
             )
         if self.score != "patch" and self.levels is None:
             raise ValueError(f"a {self.score} candidate needs image-level levels")
+        if self.score == "image" and self.pool_radius != 0:
+            raise ValueError("an image candidate has no patch model to pool: pool_radius=0")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"levels": self.levels, "reduction": self.reduction, "score": self.score}
+        return {
+            "levels": self.levels,
+            "reduction": self.reduction,
+            "score": self.score,
+            "pool_radius": self.pool_radius,
+        }
 
     def config(self, base: DetectorConfig) -> DetectorConfig:
         """``base`` with this candidate's levels, reduction and score (and the patch model;
         a patch candidate keeps the base's levels for its unused image-level model)."""
         levels = base.levels if self.levels is None else self.levels
         patch = base.patch or self.score != "image"
-        return base.replace(levels=levels, reduction=self.reduction, score=self.score, patch=patch)
+        pool = base.patch_pool_radius if self.score == "image" else self.pool_radius
+        return base.replace(
+            levels=levels,
+            reduction=self.reduction,
+            score=self.score,
+            patch=patch,
+            patch_pool_radius=pool,
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Candidate:
-        return cls(data["levels"], data["reduction"], data["score"])
+        """From :meth:`to_dict` (selections recorded before pooling existed: radius 0)."""
+        return cls(data["levels"], data["reduction"], data["score"], data.get("pool_radius", 0))
 
 
 def default_grid() -> list[Candidate]:
-    """Levels {"1-9", "6-8"} x reduction {None, "npca"} x score {image, fused}, and patch."""
+    """Levels {"1-9", "6-8"} x reduction {None, "npca"} x score {image, fused per position,
+    fused position-free}, and the patch score per position and position-free."""
     grid = [
-        Candidate(levels, reduction, score)
+        Candidate(levels, reduction, score, pool)
         for levels in ("1-9", "6-8")
         for reduction in (None, "npca")
-        for score in ("image", "fused")
+        for score, pool in (("image", 0), ("fused", 0), ("fused", None))
     ]
-    return [*grid, Candidate(None, None, "patch")]
+    return [*grid, Candidate(None, None, "patch", 0), Candidate(None, None, "patch", None)]
 
 
 DEFAULT_GRID: tuple[Candidate, ...] = tuple(default_grid())
 
 
-def simplicity_key(candidate: Candidate, n_levels: int) -> tuple[int, int, int]:
-    """Sort key, simplest first: score kind, then reduction, then number of levels."""
+def simplicity_key(candidate: Candidate, n_levels: int) -> tuple[int, int, int, int]:
+    """Sort key, simplest first: score kind, then reduction, then number of levels, then
+    per-position before pooled patch models."""
     count = 0 if candidate.levels is None else len(parse_levels(candidate.levels, n_levels))
-    return SCORES.index(candidate.score), int(candidate.reduction is not None), count
+    pooled = int(candidate.pool_radius != 0)
+    return SCORES.index(candidate.score), int(candidate.reduction is not None), count, pooled
 
 
 def best_candidate(results: Sequence[tuple[Candidate, float]], n_levels: int) -> Candidate:
@@ -196,13 +216,16 @@ def select_configuration(
         validate_paths, n_per_kind, base.seed, kinds, size=backbone.spec.image_size
     )
     fitted = training_pass(backbone, train_paths, loader, layout)
-    patch_model = PatchGaussian().fit_moments(fitted.patch_sums)
     scored = collect(
         iter_batches(backbone, [*standardize_paths, *images], loader, layout=layout),
         backbone,
         layout,
     )
-    patch_scores, _ = patch_model.anomaly_maps(scored.patches, backbone.spec.image_size)
+    patch_models: dict[int | None, tuple[PatchGaussian, np.ndarray]] = {}
+    for radius in dict.fromkeys(config.patch_pool_radius for config in configs):
+        patch_model = PatchGaussian(pool_radius=radius).fit_moments(fitted.patch_sums)
+        scores, _ = patch_model.anomaly_maps(scored.patches, backbone.spec.image_size)
+        patch_models[radius] = patch_model, scores
     standardizing = scored.index < len(standardize_paths)
     validating = ~standardizing
     validation_labels = labels[scored.index[validating] - len(standardize_paths)]
@@ -215,6 +238,7 @@ def select_configuration(
             image_models[key] = GaussianAD(reduction=config.reduction).fit(
                 pick_levels(fitted.pooled, backbone.levels, config.image_levels)
             )
+        patch_model, patch_scores = patch_models[config.patch_pool_radius]
         detector = Detector(config, loader).set_models(image_models[key], patch_model, layout)
         levels = pick_levels(scored.pooled, backbone.levels, config.image_levels)
         scores = detector.score_features(levels, patch_scores=patch_scores)
