@@ -1,0 +1,225 @@
+"""Accuracy per category and candidate on real data (a benchmark, not a test).
+
+For every MVTec-layout category under DATA_ROOT (default: ``../shared/devdata/visa`` next
+to the repository, when it is there), in a child process of its own (so its peak memory is
+its own):
+
+- one backbone pass over train/good and one over test/, with every level and the default
+  patch layout; every candidate below is fitted from these features through
+  :meth:`Detector.fit_pass` (all normals, calibrated out of fold) and evaluated with
+  :func:`~gaussian_ad.evaluation.evaluate.evaluate`: image AUROC, and pixel AUROC and PRO
+  at the masks' resolution;
+- what ``gaussian-ad train DATA`` gives a user: the fixed default configuration and, with
+  ``--select``, the configuration that the synthetic-defect selection picks (it needs two
+  more backbone passes), evaluated the same way.
+
+Prints, per category and candidate, image AUROC, pixel AUROC, PRO, FPR and recall on the
+test set at the calibrated threshold, the seconds its fit + calibration + scoring took
+(the shared backbone passes are printed once per category), the category's peak memory,
+and the machine.
+
+    .venv/bin/python bench/accuracy.py [DATA_ROOT] [--category fryum] [--select]
+        [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "devdata" / "visa"
+# name -> DetectorConfig fields (besides patch=True): the paper's method, PaDiM-like
+# per-position patches, position-free patches, and each fused with the image score.
+CANDIDATES: dict[str, dict] = {
+    "image": {"score": "image"},
+    "image-npca": {"score": "image", "reduction": "npca"},
+    "patch": {"score": "patch"},
+    "patch-free": {"score": "patch", "patch_pool_radius": None},
+    "fused": {"score": "fused"},
+    "fused-free": {"score": "fused", "patch_pool_radius": None},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data_root", nargs="?", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--category", action="append", help="default: every category")
+    parser.add_argument("--select", action="store_true", help="also the selection's pick")
+    parser.add_argument("--target-fpr", type=float, default=0.01)
+    parser.add_argument("--json", type=Path, help="write every row as JSON")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    import numpy as np
+    import torch
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, {memory:.1f} GiB; python "
+        f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
+    )
+
+
+def evaluate_candidate(name, config, passed, keys, layout, fingerprint, test, records, args):
+    """One candidate from the shared passes: its evaluation row."""
+    from gaussian_ad.detection.detector import Detector
+    from gaussian_ad.evaluation.evaluate import evaluate
+    from gaussian_ad.features.extract import pick_levels
+    from gaussian_ad.stats.metrics import confusion
+
+    start = time.perf_counter()
+    detector = Detector(config).fit_pass(passed, keys, layout, fingerprint, args.target_fpr)
+    levels = pick_levels(test.pooled, passed.levels, config.image_levels)
+    scores = detector.score_features(levels, test.patches, maps=True, index=test.index)
+    scored = [records[i] for i in scores.index]
+    evaluation = evaluate(
+        detector,
+        detector.oof_scores_,
+        scores,
+        [r.label for r in scored],
+        [r.mask for r in scored],
+    )
+    counts = confusion(evaluation.labels, evaluation.test.scores, evaluation.threshold)
+    return {
+        "candidate": name,
+        "config": config.to_dict(),
+        "auroc": evaluation.auroc,
+        "pixel_auroc": evaluation.pixel_auroc,
+        "pro": evaluation.pro,
+        "fpr": counts.fpr,
+        "recall": counts.recall,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_category(args: argparse.Namespace) -> dict:
+    """Every candidate on one category, in this (child) process."""
+    from gaussian_ad.config import DetectorConfig, LoaderOptions
+    from gaussian_ad.data.images import mvtec_manifest
+    from gaussian_ad.detection.detector import Detector, training_pass
+    from gaussian_ad.evaluation.evaluate import split_records
+    from gaussian_ad.evaluation.selection import select_on_normals
+    from gaussian_ad.features.extract import collect, iter_batches, source_label
+    from gaussian_ad.features.layout import PatchLayout
+
+    train, test_records = split_records(mvtec_manifest(args.data_root, args.child))
+    train_paths = [r.path for r in train]
+    base = DetectorConfig(patch=True)
+    loader = LoaderOptions()
+    backbone = Detector(base, loader).backbone_module()
+    layout = PatchLayout.for_config(backbone, base)
+    start = time.perf_counter()
+    passed = training_pass(backbone, train_paths, loader, layout)
+    test_paths = [r.path for r in test_records]
+    test = collect(iter_batches(backbone, test_paths, loader, layout=layout), backbone, layout)
+    extraction = time.perf_counter() - start
+    keys = [source_label(train_paths[i], i) for i in passed.index]
+    shared = (passed, keys, layout, backbone.weights_fingerprint, test, test_records, args)
+    configs = {name: base.replace(**fields) for name, fields in CANDIDATES.items()}
+    rows = [evaluate_candidate(name, c, *shared) for name, c in configs.items()]
+    default = DetectorConfig()  # what `gaussian-ad train DATA` fits
+    picks = {
+        "default": next(
+            r["candidate"]
+            for r in rows
+            if r["config"]["score"] == default.score
+            and r["config"]["reduction"] == default.reduction
+        )
+    }
+    if args.select:
+        start = time.perf_counter()
+        selection = select_on_normals(train_paths, base, loader=loader)
+        chosen = selection.best.config(base)
+        seconds = time.perf_counter() - start
+        known = [r["candidate"] for r in rows if r["config"] == chosen.to_dict()]
+        if known:
+            picks["select"] = known[0]
+        else:
+            rows.append(evaluate_candidate("selected", chosen, *shared))
+            picks["select"] = "selected"
+        picks["select_seconds"] = seconds
+        picks["select_results"] = selection.to_dict()["results"]
+    return {
+        "category": args.child,
+        "n_train": len(passed.index),
+        "n_test": len(test.index),
+        "extraction_seconds": extraction,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rows": rows,
+        "picks": picks,
+    }
+
+
+def print_category(result: dict) -> None:
+    print(
+        f"\n{result['category']}: {result['n_train']} train, {result['n_test']} test; "
+        f"backbone passes {result['extraction_seconds']:.0f} s; peak {result['peak_mib']:.0f} MiB"
+    )
+    best = max(r["auroc"] for r in result["rows"])
+    print(
+        f"  {'candidate':<12}{'AUROC':>7}{'pixel':>7}{'PRO':>7}{'FPR':>7}{'recall':>7}"
+        f"{'s':>6}  picked by"
+    )
+    for row in result["rows"]:
+        by = [k for k, v in result["picks"].items() if v == row["candidate"]]
+        pixel = "".join(
+            f"{row[k]:>7.3f}" if row[k] is not None else f"{'-':>7}" for k in ("pixel_auroc", "pro")
+        )
+        mark = " (best)" if row["auroc"] == best else ""
+        print(
+            f"  {row['candidate']:<12}{row['auroc']:>7.3f}{pixel}{row['fpr']:>7.3f}"
+            f"{row['recall']:>7.3f}{row['seconds']:>6.0f}  {', '.join(by)}{mark}"
+        )
+    for kind in ("default", "select"):
+        if kind in result["picks"]:
+            name = result["picks"][kind]
+            auroc = next(r["auroc"] for r in result["rows"] if r["candidate"] == name)
+            print(f"  {kind} -> {name}: {auroc:.3f}, {best - auroc:.3f} below the best")
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    if args.child:
+        args.result.write_text(json.dumps(run_category(args)))
+        return
+    from gaussian_ad.data.images import mvtec_categories
+
+    if not args.data_root.is_dir():
+        sys.exit(f"no data at {args.data_root}: pass DATA_ROOT (MVTec layout)")
+    categories = args.category or mvtec_categories(args.data_root)
+    print(f"machine: {machine()}")
+    print(f"data:    {args.data_root} ({', '.join(categories)})")
+    results = []
+    for category in categories:
+        out = Path(f"/tmp/accuracy-{os.getpid()}-{category}.json")
+        command = [sys.executable, __file__, str(args.data_root), "--child", category]
+        command += ["--result", str(out), "--target-fpr", str(args.target_fpr)]
+        command += ["--select"] if args.select else []
+        subprocess.run(command, check=True)
+        results.append(json.loads(out.read_text()))
+        out.unlink()
+        print_category(results[-1])
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
