@@ -9,7 +9,7 @@ from PIL import Image
 
 from gaussian_ad.backbones.models import load_backbone
 from gaussian_ad.config import LoaderOptions
-from gaussian_ad.features.extract import collect, extract, iter_batches
+from gaussian_ad.features.extract import InputNormalizer, collect, extract, iter_batches
 
 N_IMAGES = 5
 
@@ -117,3 +117,14 @@ def test_transform_runs_before_resize(backbone, arrays):
     features = collect(iter_batches(backbone, arrays[:2], transform=flip), backbone)
     flipped = [np.ascontiguousarray(a[:, ::-1]) for a in arrays[:2]]
     assert_features_equal(features.pooled, manual_features(backbone, flipped))
+
+
+def test_normalizer_gives_channels_last_float_inputs_without_a_copy(backbone, arrays):
+    pixels = torch.from_numpy(np.stack([a[:64, :64] for a in arrays]))
+    x = InputNormalizer(backbone, torch.device("cpu"))(pixels)
+    assert x.shape == (N_IMAGES, 3, 64, 64) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor(backbone.spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.spec.std).view(1, 3, 1, 1)
+    expected = (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    torch.testing.assert_close(x, expected)
