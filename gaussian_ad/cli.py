@@ -35,6 +35,10 @@ PatchOpt = Annotated[
     bool, typer.Option(help="also the patch-level model: anomaly maps, pixel AUROC, PRO")
 ]
 ScoreOpt = Annotated[str, typer.Option(help="score that ranks images: image, patch or fused")]
+InputSizeOpt = Annotated[
+    int | None,
+    typer.Option(help="square input side (multiple of 32); default: the backbone's native"),
+]
 PatchPoolOpt = Annotated[
     str,
     typer.Option(
@@ -61,6 +65,7 @@ def _configs(
     batch_size: int = 32,
     workers: int = 2,
     patch_pool: str = "0",
+    input_size: int | None = None,
 ):
     """The CLI's flags as validated configuration objects; a bad value exits with code 2."""
     from gaussian_ad.config import DetectorConfig, LoaderOptions, parse_reduction
@@ -76,6 +81,7 @@ def _configs(
             score=score,
             patch=patch,
             patch_pool_radius=_pool_radius(patch_pool),
+            input_size=input_size,
             seed=seed,
         )
         loader = LoaderOptions(
@@ -192,6 +198,7 @@ def fit(
     patch: PatchOpt = False,
     score: ScoreOpt = "image",
     patch_pool: PatchPoolOpt = "0",
+    input_size: InputSizeOpt = None,
     target_fpr: TargetFprOpt = 0.01,
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
@@ -230,6 +237,7 @@ def fit(
         batch_size,
         workers,
         patch_pool=patch_pool,
+        input_size=input_size,
     )
     if not 0.0 < target_fpr < 1.0:
         raise typer.BadParameter(f"target-fpr: must lie in (0, 1), got {target_fpr}")
@@ -312,6 +320,7 @@ def evaluate(
     patch: PatchOpt = False,
     score: ScoreOpt = "image",
     patch_pool: PatchPoolOpt = "0",
+    input_size: InputSizeOpt = None,
     target_fpr: TargetFprOpt = 0.01,
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
@@ -338,6 +347,7 @@ def evaluate(
         batch_size,
         workers,
         patch_pool=patch_pool,
+        input_size=input_size,
     )
     categories = category or mvtec_categories(data_root)
     if not categories:
@@ -422,6 +432,7 @@ def train(
     patch: PatchOpt = False,
     score: ScoreOpt = "image",
     patch_pool: PatchPoolOpt = "0",
+    input_size: InputSizeOpt = None,
     select: Annotated[
         bool, typer.Option(help="choose levels, reduction and score on synthetic defects first")
     ] = False,
@@ -452,6 +463,7 @@ def train(
         batch_size,
         workers,
         patch_pool=patch_pool,
+        input_size=input_size,
     )
     from gaussian_ad_flows.options import TrainOptions
 

@@ -50,6 +50,9 @@ class DetectorConfig:
     patch_pool_radius : which training patches each grid position's Gaussian pools: 0 its
         own position (PaDiM, aligned products), r the positions within r cells, None all
         positions (one position-free Gaussian, for products that are not aligned).
+    input_size : the square side images are resized to; None = the backbone's native one.
+        Larger sides show small defects to the backbone (and give a finer patch grid) at
+        about (input_size / native) ** 2 the compute; a multiple of 32.
     seed : seed of the patch channels, the hold-out split and augmentation.
     pretrained : False only to ask explicitly for random backbone weights.
 
@@ -74,6 +77,7 @@ class DetectorConfig:
     patch_grid: int | None = None
     patch_channels: int = DEFAULT_PATCH_CHANNELS
     patch_pool_radius: int | None = 0
+    input_size: int | None = None
     seed: int = 0
     pretrained: bool = True
 
@@ -101,6 +105,12 @@ class DetectorConfig:
             raise ValueError(f"patch_grid: must be >= 1 or None, got {self.patch_grid}")
         if self.patch_channels < 1:
             raise ValueError(f"patch_channels: must be >= 1, got {self.patch_channels}")
+        if self.input_size is not None and (
+            self.input_size < 32 or self.input_size > 2048 or self.input_size % 32
+        ):
+            raise ValueError(
+                f"input_size: must be a multiple of 32 in [32, 2048] or None, got {self.input_size}"
+            )
         if self.patch_pool_radius is not None and self.patch_pool_radius < 0:
             raise ValueError(
                 f"patch_pool_radius: must be >= 0 or None, got {self.patch_pool_radius}"
@@ -108,8 +118,8 @@ class DetectorConfig:
 
     @property
     def image_size(self) -> int:
-        """The backbone's native square input size."""
-        return BACKBONES[self.backbone].image_size
+        """The square input side: ``input_size``, or the backbone's native one."""
+        return self.input_size or BACKBONES[self.backbone].image_size
 
     @property
     def image_levels(self) -> tuple[int, ...]:

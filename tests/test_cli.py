@@ -324,3 +324,6 @@ def test_patch_pool_flag_sets_the_pooling_radius():
     for bad in ("-1", "some"):
         with pytest.raises(typer.BadParameter, match="patch"):
             _configs(patch=True, patch_pool=bad)
+    assert _configs(input_size=448)[0].image_size == 448
+    with pytest.raises(typer.BadParameter, match="input_size"):
+        _configs(input_size=300)

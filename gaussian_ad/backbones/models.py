@@ -12,6 +12,7 @@ Together they take the CPU time of a Lite0 forward pass to under half.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -159,18 +160,23 @@ def load_backbone(
     allow_download: bool = False,
     device: str | torch.device | None = None,
     fold: bool = True,
+    image_size: int | None = None,
 ) -> Backbone:
     """Build a frozen backbone with its weights resolved offline (see the module docstring).
 
     ``weights`` names a state-dict file (timm or lukemelas ``efficientnet_pytorch`` naming;
     .pth/.pt/.bin or .safetensors); it must fit exactly. ``pretrained=False`` (and no
     ``weights``) gives random weights. ``device`` defaults to :func:`default_device`.
+    ``image_size`` replaces the native input side (the network is fully convolutional up
+    to its pooling; images are resized to it).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if weights is not None and not pretrained:
         raise ValueError("weights=PATH and pretrained=False contradict each other; pass only one")
     spec = BACKBONES[name]
+    if image_size is not None:
+        spec = dataclasses.replace(spec, image_size=int(image_size))
     model = timm.create_model(spec.timm_name, pretrained=False)
     if weights is not None:
         load_weights_file(model, weights)
@@ -396,11 +402,18 @@ def _load_default_weights(model: nn.Module, spec: BackboneSpec, allow_download: 
 
 @functools.lru_cache(maxsize=4)
 def cached_backbone(
-    name: str, levels: tuple[int, ...], weights: str | None, pretrained: bool, device: str | None
+    name: str,
+    levels: tuple[int, ...],
+    weights: str | None,
+    pretrained: bool,
+    device: str | None,
+    image_size: int | None = None,
 ) -> Backbone:
     """:func:`load_backbone`, once per process for each distinct set of arguments.
 
     Worker processes score many shards with one backbone; the arguments are the hashable
     fields of a detector's configuration and loader options.
     """
-    return load_backbone(name, levels, weights, pretrained=pretrained, device=device)
+    return load_backbone(
+        name, levels, weights, pretrained=pretrained, device=device, image_size=image_size
+    )

@@ -92,6 +92,7 @@ class Detector:
             self.loader.weights,
             self.config.pretrained,
             self.loader.device,
+            self.config.input_size,
         )
         expected = getattr(self, "weights_fingerprint_", None)
         actual = backbone.weights_fingerprint

@@ -15,7 +15,8 @@ removing fused candidates leaves every other candidate's AUROC unchanged.
 Cost. One backbone pass (with every level the grid needs, plus the patch levels) over the
 training images and one over the standardisation half plus the validation set. The pooled
 features of that pass fit one :class:`~gaussian_ad.stats.gaussian.GaussianAD` per distinct
-(levels, reduction) of the grid, in memory; one patch model per pooling radius serves every candidate that uses it.
+(levels, reduction) of the grid, in memory; one patch model per pooling radius serves
+every candidate that uses it.
 
 Ties. The best AUROC (rounded to 9 decimals) wins; among equals the simpler candidate:
 image before fused before patch score, no reduction before a reduction, fewer levels before

@@ -309,3 +309,35 @@ def test_out_of_fold_scores_equal_models_fitted_without_each_fold(small_dataset,
         np.testing.assert_allclose(stored.patch_scores, scored.patch_scores, rtol=1e-4)
     assert detector.calibration_.n_normals == out_of_core.calibration_.n_normals == len(paths)
     assert out_of_core.threshold == pytest.approx(detector.threshold, rel=1e-4)
+
+
+def test_position_free_patch_model_at_a_larger_input_size(small_dataset, tmp_path):
+    """input_size resizes to a larger square (finer grid, maps at that size); pool_radius=None
+    fits one Gaussian on every training patch, calibrated out of fold, and survives save/load."""
+    train, test = split_records(mvtec_manifest(small_dataset, "weave"))
+    config = DetectorConfig(
+        "lite0",
+        "8-9",
+        patch=True,
+        score="fused",
+        patch_channels=24,
+        patch_pool_radius=None,
+        input_size=256,
+    )
+    detector = Detector(config).fit([r.path for r in train], target_fpr=0.1)
+    assert detector.backbone_module().spec.image_size == 256
+    assert detector.patch_layout_.grid == 32  # 256 / 8
+    assert detector.patch_model_.means_.shape == (1, 24)
+    assert detector.patch_model_.moments_.n_sets == 32 * 32
+    result = detector.score([r.path for r in test], maps=True)
+    assert result.maps.shape == (len(test), 256, 256)
+    labels = np.array([r.label for r in test])[result.index]
+    assert auroc(labels, result.patch_scores) > 0.8
+    loaded = Detector.load(detector.save(tmp_path / "free.safetensors"))
+    assert loaded.config == config and loaded.patch_model_.pool_radius is None
+    again = loaded.score([r.path for r in test[:3]], maps=True)
+    np.testing.assert_allclose(again.scores, result.scores[:3], rtol=1e-10)
+    with pytest.raises(ValueError, match="pools radius"):
+        Detector(config.replace(patch_pool_radius=0)).set_models(
+            detector.model_, detector.patch_model_, detector.patch_layout_
+        )
