@@ -1,4 +1,4 @@
-"""Per-position Gaussian on patch features: one Gaussian per grid position, anomaly maps.
+"""Patch-level Gaussians on patch features: per grid position, or pooled, and anomaly maps.
 
 Per position, the model is the image-level one of Rippel et al.: the mean and scikit-learn's
 Ledoit-Wolf covariance, fitted from mergeable sums (:class:`BatchMoments`) accumulated batch
@@ -13,6 +13,12 @@ Memory (float64 statistics, d = 100): each (P, d, d) array takes P * 80 kB; 14 x
 28 x 28: 63 MB, 56 x 56: 251 MB. A fitted model holds two of them (the sums and the
 precisions); a streaming fit peaks at about three (the running sums, a batch's sums and
 their total) plus one batch of features.
+
+Pooling (``pool_radius``). PaDiM's per-position model assumes every image puts the same
+part at the same place. For products that move (loose parts, a tray of pieces), each
+position's Gaussian can instead pool the sums of its neighbours within r grid cells, or of
+every position (``None``: one position-free Gaussian over all patches). The pooling is a sum
+of the per-position statistics, so the fit stays exact, mergeable and subtractable.
 
 The per-position linear algebra runs on many small matrices; it runs with one BLAS thread,
 which on a busy machine is an order of magnitude faster than several.
