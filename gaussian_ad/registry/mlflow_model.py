@@ -234,7 +234,7 @@ EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.note.content": (
         "gaussian-ad training runs: one run per category and training, each registering a "
-        "model version (gaussian-ad-<category>) with its AUROC and threshold."
+        "model version (`gaussian-ad-<category>`) with its AUROC and threshold."
     ),
 }
 
@@ -354,22 +354,28 @@ def record_training(
             previous = store_auroc(previous_model, store, evaluation.test.index)
             mlflow.log_metric("champion_auroc", previous)
         promoted, reason = decide_promotion(evaluation.auroc, previous, tolerance)
-        mlflow.set_tags({"promoted": str(promoted), "promotion_reason": reason})
-    outcome = TrainingRecord(
-        run_id,
-        experiment_id,
-        name,
-        "",
-        config.score,
-        promoted,
-        reason,
-        evaluation.auroc,
-        previous,
-        current.version if current else None,
-        metrics,
-    )
+        outcome = TrainingRecord(
+            run_id,
+            experiment_id,
+            name,
+            "",
+            config.score,
+            promoted,
+            reason,
+            evaluation.auroc,
+            previous,
+            current.version if current else None,
+            metrics,
+        )
+        description = version_description(category, params, evaluation, outcome)
+        mlflow.set_tags(
+            {
+                "promoted": str(promoted),
+                "promotion_reason": reason,
+                "mlflow.note.content": description,  # the run's description
+            }
+        )
     tags = version_tags(detector, evaluation, params, promoted, selection)
-    description = version_description(category, params, evaluation, outcome)
     version = register(info.model_uri, name, tags, client, description).version
     assign_aliases(name, version, promoted, client)
     outcome = replace(outcome, version=version)
@@ -453,7 +459,7 @@ def version_tags(
         "backbone": config.backbone,
         "levels": ",".join(map(str, config.image_levels)),
         "n_train": params["n_train"],
-        "data_fingerprint": params.get("data_fingerprint", ""),
+        "data_fingerprint": params.get("data_fingerprint", "")[:16],  # the run has all of it
         "promoted": str(promoted),
     }
     if evaluation.pixel_auroc is not None:
@@ -541,7 +547,7 @@ def training_summary(record: TrainingRecord, tracking_uri: str) -> str:
                 f"{record.champion_auroc:.4f}",
             )
         ]
-    rows += [("promoted", f"{'yes' if record.promoted else 'no'}: {record.reason}")]
+    rows += [("promoted", "yes" if record.promoted else "no")]
     table = "\n".join(f"| {label} | {value} |" for label, value in rows)
     run_page = ui_url(tracking_uri, f"experiments/{record.experiment_id}/runs/{record.run_id}")
     version_page = ui_url(tracking_uri, f"models/{record.name}/versions/{record.version}")
@@ -550,9 +556,11 @@ def training_summary(record: TrainingRecord, tracking_uri: str) -> str:
     else:
         links = f"MLflow run `{record.run_id}` in `{tracking_uri}`"
     status = "champion" if record.promoted else "not promoted"
+    verdict = "Promoted" if record.promoted else "Not promoted"
     return (
         f"## {record.name} v{record.version}: {status}\n\n"
-        f"| figure | value |\n| --- | --- |\n{table}\n\n{links}\n"
+        f"| figure | value |\n| --- | --- |\n{table}\n\n"
+        f"**{verdict}**: {record.reason}.\n\n{links}\n"
     )
 
 
