@@ -7,13 +7,17 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
+from gaussian_ad.data.augment import AugmentConfig
 from gaussian_ad.evaluation.selection import DEFAULT_N_PER_KIND, Candidate
 
 
 class TrainOptions(BaseModel):
     """Everything a training run takes besides the data and the category.
 
-    ``detector`` defines the model, ``loader`` how it runs. ``select`` first chooses levels,
+    ``detector`` defines the model, ``loader`` how it runs. ``augment_passes`` random
+    augmented passes over the training images fit the model, with the transforms of
+    ``augment`` (None: the category's defaults, :meth:`AugmentConfig.for_category`).
+    ``select`` first chooses levels,
     reduction and score on synthetic defects made from the held-out fold (``select_grid``:
     the candidates; default the library's grid). ``incremental_from`` (a model URI) and
     ``new_images`` (a folder of new normal images) merge the new images' statistics into
@@ -25,6 +29,7 @@ class TrainOptions(BaseModel):
     detector: DetectorConfig = DetectorConfig()
     loader: LoaderOptions = LoaderOptions()
     augment_passes: int = Field(0, ge=0)
+    augment: AugmentConfig | None = None
     shard_size: int = Field(64, ge=1)
     target_fpr: float = Field(0.01, gt=0.0, lt=1.0)
     promotion_tolerance: float = Field(0.0, ge=0.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 from gaussian_ad_flows.options import TrainOptions
@@ -27,6 +28,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from gaussian_ad.data.augment import AugmentConfig
 from gaussian_ad.data.images import mvtec_categories
 from gaussian_ad.evaluation.selection import Selection
 from gaussian_ad.registry.mlflow_model import incremental_base, training_run, training_summary
@@ -45,7 +47,7 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
     """
     records, fingerprint = build_manifest(data_root, category)
     config, loader = options.detector, options.loader
-    plan = TrainingPlan.from_manifest(records, options.augment_passes)
+    plan = TrainingPlan.from_manifest(records, options.augment_passes, options.augment)
     models = work_dir(options.home) / "models" / category
     base_path = None
     if options.incremental_from:
@@ -77,7 +79,10 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
         n_rows = len(plan.rows()[0])
         print(f"[{category}] {n_rows} rows, {len(pending)} shard(s) to extract -> {url}")
         with gpu_annotation():
-            futures = [extract_shard_task.submit(url, shard, config, loader) for shard in pending]
+            futures = [
+                extract_shard_task.submit(url, shard, config, loader, plan.augment)
+                for shard in pending
+            ]
         shards = [future.result() for future in futures]
         rows = plan.row_index()
         model_path = str(models / f"{uuid.uuid4().hex}.safetensors")
@@ -89,6 +94,7 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
             "category": category,
             "data_root": data_root,
             "augment_passes": options.augment_passes,
+            "augment": asdict(plan.augment or AugmentConfig.for_category(category)),
             "n_calibration": len(heldout),
             "n_test": len(plan.test),
             "data_fingerprint": fingerprint,

@@ -6,6 +6,7 @@ from distributed import get_worker
 from prefect import task
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
+from gaussian_ad.data.augment import AugmentConfig
 from gaussian_ad.detection.detector import Detector
 from gaussian_ad.features.shards import create_plan_store, extract_shard
 from gaussian_ad.store.feature_store import FeatureStore
@@ -23,10 +24,17 @@ def prepare_store(
 
 
 @task(name="extract-shard", retries=2, retry_delay_seconds=5)
-def extract_shard_task(url: str, shard: int, config: DetectorConfig, loader: LoaderOptions) -> dict:
-    """Extract one shard; returns its info (rows, errors, host, pid, worker, seconds, ...)."""
+def extract_shard_task(
+    url: str,
+    shard: int,
+    config: DetectorConfig,
+    loader: LoaderOptions,
+    augment: AugmentConfig | None = None,
+) -> dict:
+    """Extract one shard, its augmented rows with ``augment`` (None: the category's
+    defaults); returns its info (rows, errors, host, pid, worker, seconds, ...)."""
     backbone = Detector(config, loader).backbone_module()
-    info = extract_shard(FeatureStore.open(url), shard, backbone, loader, config.seed)
+    info = extract_shard(FeatureStore.open(url), shard, backbone, loader, config.seed, augment)
     return {**info, "worker": _worker_address()}
 
 

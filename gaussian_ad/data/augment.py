@@ -11,6 +11,7 @@ extraction produces the same features.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -21,7 +22,13 @@ NO_ROTATE90_CATEGORIES = frozenset({"transistor"})
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Which augmentations run, and how strong the continuous ones are."""
+    """Which augmentations run, and how strong the continuous ones are.
+
+    A plain frozen dataclass; pydantic validates it as a nested field (e.g. the training
+    options) and rejects unknown keys (``__pydantic_config__``).
+    """
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
 
     flips: bool = True
     rotate90: bool = True

@@ -72,13 +72,15 @@ def extract_shard(
     backbone: Backbone,
     options: LoaderOptions = DEFAULT_LOADER,
     seed: int = 0,
+    augment: AugmentConfig | None = None,
 ) -> dict[str, Any]:
     """Extract one shard into the store (skipped if already complete); returns its info.
 
     Rows with an augmentation pass get a :class:`SeededAugment` fixed by (seed, row),
-    so re-extracting a shard reproduces it exactly. The backbone may compute more levels
-    than the store keeps (e.g. the patch levels); a store with a patch layout gets the
-    patch features from the same pass.
+    so re-extracting a shard reproduces it exactly; its transforms are ``augment``, or
+    (None) the row's category defaults (:meth:`AugmentConfig.for_category`). The backbone
+    may compute more levels than the store keeps (e.g. the patch levels); a store with a
+    patch layout gets the patch features from the same pass.
     """
     if shard in store.complete_shards():
         logger.info("%s: shard %d already complete, skipped", store.url, shard)
@@ -88,7 +90,9 @@ def extract_shard(
     manifest = store.shard_manifest(shard)
     paths = manifest["path"].tolist()
     transforms = [
-        SeededAugment(AugmentConfig.for_category(category), seed, row) if p >= 0 else None
+        SeededAugment(augment or AugmentConfig.for_category(category), seed, row)
+        if p >= 0
+        else None
         for row, category, p in zip(
             range(rows.start, rows.stop),
             manifest["category"],

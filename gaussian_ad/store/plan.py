@@ -8,15 +8,18 @@ total minus that fold's, exactly. Torch-free.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import KFold
 
 from gaussian_ad.config import DetectorConfig
+from gaussian_ad.data.augment import AugmentConfig
 from gaussian_ad.data.images import ImageRecord, folder_manifest, manifest_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -64,25 +67,35 @@ def augmented_rows(
 @dataclass(frozen=True)
 class TrainingPlan:
     """The records of a run: the normal images that fit (all of train/good, or the new
-    normals of an incremental run) and the test images."""
+    normals of an incremental run) and the test images; the augmented passes over the fit
+    images and their transforms (``augment``; None: each image's category defaults,
+    :meth:`AugmentConfig.for_category`)."""
 
     fit: list[ImageRecord]
     test: list[ImageRecord]
     augment_passes: int = 0
     incremental: bool = False  # fit records are new normals merged into a base model
+    augment: AugmentConfig | None = None
 
     @classmethod
-    def from_manifest(cls, records: Sequence[ImageRecord], augment_passes: int = 0) -> TrainingPlan:
+    def from_manifest(
+        cls,
+        records: Sequence[ImageRecord],
+        augment_passes: int = 0,
+        augment: AugmentConfig | None = None,
+    ) -> TrainingPlan:
         train = [r for r in records if r.split == "train"]
         test = [r for r in records if r.split == "test"]
-        return cls(train, test, augment_passes)
+        return cls(train, test, augment_passes, augment=augment)
 
     def with_new_normals(self, folder: str, category: str) -> TrainingPlan:
         """The same test rows, with the new normal images as the fit rows."""
         new = [ImageRecord(r.path, category, "train", 0, "good") for r in folder_manifest([folder])]
         if len(new) < 2:
             raise ValueError(f"new_images: need at least 2 images in {folder}, found {len(new)}")
-        return TrainingPlan(new, self.test, self.augment_passes, incremental=True)
+        return TrainingPlan(
+            new, self.test, self.augment_passes, incremental=True, augment=self.augment
+        )
 
     def rows(self) -> tuple[list[ImageRecord], list[int]]:
         """Store rows and their augmentation pass: fit rows (once per pass), then test."""
@@ -95,14 +108,21 @@ class TrainingPlan:
         return {"fit": np.arange(n_fit), "test": np.arange(n_fit, n_fit + len(self.test))}
 
     def store_url(self, home: Path, category: str, fingerprint: str, config: DetectorConfig) -> str:
-        """One store per data, features and plan: reruns resume it, other settings do not."""
+        """One store per data, features and plan: reruns resume it, other settings do not.
+
+        Augmented passes with a chosen ``augment`` add its digest to the name.
+        """
         levels = "-".join(map(str, config.image_levels))
         patch = (
             f"-patch{config.patch_grid or 'auto'}x{config.patch_channels}" if config.patch else ""
         )
         new = f"-inc{manifest_fingerprint(self.fit)[:12]}" if self.incremental else ""
+        augment = ""
+        if self.augment is not None and self.augment_passes > 0:
+            chosen = json.dumps(asdict(self.augment), sort_keys=True).encode()
+            augment = f"-{hashlib.sha256(chosen).hexdigest()[:8]}"
         name = (
             f"{fingerprint[:16]}-{config.backbone}-L{levels}{patch}"
-            f"-aug{self.augment_passes}-seed{config.seed}{new}.zarr"
+            f"-aug{self.augment_passes}{augment}-seed{config.seed}{new}.zarr"
         )
         return str(home / "stores" / category / name)
