@@ -11,9 +11,9 @@ torch threads:
   weights' normalisation in numpy, batches through the plain timm model with forward hooks
   on the 9 levels (mean-pooled), scikit-learn ``LedoitWolf`` per level, summed Mahalanobis.
 
-Each child is measured from outside (``os.wait4``: user + system CPU, wall, peak RSS) and
-from inside (CPU and wall, all threads, of its phases: imports + weights, fit = train
-extraction + fit, score = test extraction + scoring). "Per image" is the score phase per
+Each child is measured from outside (``os.wait4``: user + system CPU, wall) and from inside:
+its peak RSS (``VmHWM``) and the CPU (all threads) and wall of its phases: imports + weights,
+fit = train extraction + fit, score = test extraction + scoring. "Per image" is the score phase per
 test image: the per-image cost without the fixed costs of start-up and fitting. Prints
 medians over the repeats, the ratios project / naive, both methods' test AUROC and the rank
 correlation of their test scores.
@@ -53,6 +53,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="the project's decode threads")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sources", default="png,jpeg", help="png, jpeg or both")
+    parser.add_argument(
+        "--naive-passive",
+        action="store_true",
+        help="run the naive loop with OMP_WAIT_POLICY=PASSIVE too (default: as a plain script)",
+    )
     parser.add_argument("--child", choices=("project", "naive"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -95,9 +100,19 @@ def run_project(args: argparse.Namespace) -> dict:
     )
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: since its exec, unlike ru_maxrss, which
+    also counts the parent's memory at the fork)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _phases(cpu: tuple, wall: tuple, n_train: int, scores, labels: list[int]) -> dict:
     """A child's report: CPU and wall of set-up (imports, weights), fit and score."""
-    report = {"n_train": n_train, "n_test": len(labels)}
+    report = {"n_train": n_train, "n_test": len(labels), "peak_mb": peak_rss_mb()}
     for i, phase in enumerate(("setup", "fit", "score")):
         report[f"{phase}_cpu"] = cpu[i + 1] - cpu[i]
         report[f"{phase}_wall"] = wall[i + 1] - wall[i]
@@ -214,8 +229,11 @@ def measure(kind: str, root: Path, args: argparse.Namespace, folder: Path) -> di
         "--batch-size",
         str(args.batch_size),
     ]
+    env = dict(os.environ)
+    if kind == "naive" and args.naive_passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     start = time.perf_counter()
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=env)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -227,7 +245,6 @@ def measure(kind: str, root: Path, args: argparse.Namespace, folder: Path) -> di
         "sys": usage.ru_stime,
         "cpu": usage.ru_utime + usage.ru_stime,
         "wall": wall,
-        "peak_mb": usage.ru_maxrss / 1024,
     }
 
 
@@ -316,7 +333,9 @@ def main() -> None:
     print(
         f"backbone {args.backbone}, levels 1-9, batch {args.batch_size}, torch threads "
         f"{args.threads}, project decode threads {args.workers}; "
-        f"{args.n_train} train + {args.n_test_good + 3 * args.n_test_per_defect} test images"
+        f"{args.n_train} train + {args.n_test_good + 3 * args.n_test_per_defect} test images; "
+        f"OMP_WAIT_POLICY: project {os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, naive "
+        f"{'PASSIVE' if args.naive_passive else os.environ.get('OMP_WAIT_POLICY', 'default')}"
     )
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
         folder = Path(tmp)

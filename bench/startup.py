@@ -19,6 +19,7 @@ The target of issue 13: the command at most 1 s CPU above the "+ weights" refere
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -49,6 +50,26 @@ STEPS: dict[str, str] = {
     "import ...scoring.outputs": "import gaussian_ad.scoring.outputs",
 }
 COMMAND = "gaussian-ad score MODEL one.png"
+# The score command's steps in one process, timed from inside (CPU of all threads).
+PHASES = """
+import json, sys, time
+marks = [("start", time.process_time())]
+from gaussian_ad.cli import app
+from gaussian_ad.config import LoaderOptions
+marks.append(("import the CLI (typer)", time.process_time()))
+from gaussian_ad.detection.detector import Detector
+marks.append(("import detection.detector (torch, timm, sklearn, dask, zarr)", time.process_time()))
+from gaussian_ad.scoring.outputs import score_rows
+from gaussian_ad.scoring.tables import write_table
+marks.append(("import scoring.outputs, .tables (pandas, matplotlib)", time.process_time()))
+detector = Detector.load(sys.argv[1], LoaderOptions(device="cpu"))
+marks.append(("Detector.load (the model file)", time.process_time()))
+detector.backbone_module()
+marks.append(("backbone: timm model + weights", time.process_time()))
+table, _, _ = score_rows(detector, [sys.argv[2]], [sys.argv[2]], None, ".")
+marks.append(("score one image", time.process_time()))
+print(json.dumps([(name, t - marks[i][1]) for i, (name, t) in enumerate(marks[1:])]))
+"""
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,17 +78,31 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_child(command: list[str]) -> dict[str, float]:
-    """CPU (user + system), wall and peak RSS of one child process."""
+# Prefixed to every child's code: at exit it writes its peak RSS (VmHWM, counted from its
+# exec; ru_maxrss would also count the parent's memory at the fork) to this file descriptor.
+REPORT_PEAK = (
+    "import atexit, os; atexit.register(lambda: os.write({fd}, "
+    "[l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1].encode()))"
+)
+
+
+def run_child(code: str, argv: list[str] | None = None) -> dict[str, float]:
+    """CPU (user + system), wall and peak RSS of ``python -c code [argv]``."""
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-c", f"{REPORT_PEAK.format(fd=write_end)}; {code}", *(argv or [])]
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, pass_fds=(write_end,))
+    os.close(write_end)
     _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    with os.fdopen(read_end, "rb") as pipe:
+        peak_kb = pipe.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed ({status}): {' '.join(command)}")
     return {
         "cpu": usage.ru_utime + usage.ru_stime,
-        "wall": time.perf_counter() - start,
-        "peak_mb": usage.ru_maxrss / 1024,
+        "wall": wall,
+        "peak_mb": int(peak_kb) / 1024 if peak_kb else float("nan"),
     }
 
 
@@ -94,28 +129,28 @@ def main() -> None:
     print(machine_summary())
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         model, image = make_model(Path(tmp))
-        commands = {label: [sys.executable, "-c", code] for label, code in STEPS.items()}
-        score = ["import sys", "from gaussian_ad.cli import app", "sys.exit(app())"]
-        commands[COMMAND] = [
-            sys.executable,
-            "-c",
-            "; ".join(score),
-            "score",
-            str(model),
-            str(image),
-            "--device",
-            "cpu",
-        ]
+        commands = {label: (code, []) for label, code in STEPS.items()}
+        score = "import sys; from gaussian_ad.cli import app; sys.exit(app())"
+        commands[COMMAND] = (score, ["score", str(model), str(image), "--device", "cpu"])
         env_note = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
         print(f"environment: {env_note}; {args.repeats} round-robin repeats, medians")
         runs: dict[str, list[dict[str, float]]] = {label: [] for label in commands}
         for _ in range(args.repeats):
-            for label, command in commands.items():
-                runs[label].append(run_child(command))
+            for label, (code, argv) in commands.items():
+                runs[label].append(run_child(code, argv))
+        phase_out = subprocess.run(
+            [sys.executable, "-c", PHASES, str(model), str(image)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     medians = {
         label: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
         for label, rs in runs.items()
     }
+    print(f"\n{COMMAND}, step by step in one process (CPU s, one run):")
+    for name, seconds in json.loads(phase_out.strip().splitlines()[-1]):
+        print(f"  {name:<62}{seconds:>7.2f}")
     base = medians["python (empty)"]["cpu"]
     print(f"\n{'step (own process)':<34}{'CPU s':>8}{'- empty':>9}{'wall s':>8}{'peak MB':>9}")
     for label, m in medians.items():
