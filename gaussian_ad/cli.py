@@ -429,6 +429,16 @@ def train(
     levels: LevelsOpt = "1-9",
     reduction: ReductionOpt = "none",
     augment_passes: Annotated[int, typer.Option(help="K random augmentation passes")] = 0,
+    no_flips: Annotated[bool, typer.Option(help="augment without flips (one category)")] = False,
+    no_rotate90: Annotated[
+        bool, typer.Option(help="augment without 90-degree rotations (one category)")
+    ] = False,
+    no_shift_scale_rotate: Annotated[
+        bool, typer.Option(help="augment without shift-scale-rotate (one category)")
+    ] = False,
+    no_photometric: Annotated[
+        bool, typer.Option(help="augment without photometric changes (one category)")
+    ] = False,
     patch: PatchOpt = False,
     score: ScoreOpt = "image",
     patch_pool: PatchPoolOpt = "0",
@@ -447,8 +457,29 @@ def train(
         str | None, typer.Option(envvar="GAUSSIAN_AD_DASK_ADDRESS", help="Dask scheduler")
     ] = None,
 ) -> None:
-    """Run the training flow per category: extract, fit, evaluate, register in MLflow."""
+    """Run the training flow per category: extract, fit, evaluate, register in MLflow.
+
+    The --no-<transform> switches turn augmentations off in the category's defaults, so
+    they take exactly one --category.
+    """
+    from dataclasses import replace
+
     from pydantic import ValidationError
+
+    from gaussian_ad.data.augment import AugmentConfig
+
+    switches = {
+        "flips": no_flips,
+        "rotate90": no_rotate90,
+        "shift_scale_rotate": no_shift_scale_rotate,
+        "photometric": no_photometric,
+    }
+    augment = None
+    if any(switches.values()):
+        if category is None or len(category) != 1:
+            raise typer.BadParameter("--no-<transform> switches need exactly one --category")
+        off = {name: False for name, turned_off in switches.items() if turned_off}
+        augment = replace(AugmentConfig.for_category(category[0]), **off)
 
     config, loader = _configs(
         backbone,
@@ -472,6 +503,7 @@ def train(
             detector=config,
             loader=loader,
             augment_passes=augment_passes,
+            augment=augment,
             target_fpr=target_fpr,
             shard_size=shard_size,
             select=select,

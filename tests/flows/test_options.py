@@ -65,3 +65,12 @@ def test_extraction_task_augments_with_the_plan_s_configuration(small_dataset, t
         streamed = augmented_moments(backbone, paths, passes, augment, loader, config.seed)
         mean = streamed[config.image_levels.index(9)].mean
         assert np.allclose(features.mean(axis=0), mean, rtol=1e-4, atol=1e-5) == same
+
+
+def test_cli_train_switches_augmentations_off_for_one_category_only(small_dataset):
+    from typer.testing import CliRunner
+
+    from gaussian_ad.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(small_dataset), "--no-flips"])
+    assert result.exit_code == 2 and "exactly one --category" in result.output
