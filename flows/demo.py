@@ -21,6 +21,7 @@ from gaussian_ad_flows.train import train, train_all
 from gaussian_ad.config import DetectorConfig
 from gaussian_ad.data.images import mvtec_manifest
 from gaussian_ad.data.synthetic import make_dataset
+from gaussian_ad.registry.mlflow_model import ui_url
 
 SCORED_CATEGORY = "disc"
 # The stem alone: colour and contrast statistics pooled over the whole image, which a small
@@ -75,7 +76,7 @@ def run_demo(out_dir: Path) -> None:
     print("\n=== look at it ===")
     print(
         f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri()} "
-        f"--port 5000   # then http://127.0.0.1:5000"
+        f"--port 5000   # then {ui_url('http://127.0.0.1:5000', 'experiments')}"
     )
     print(
         "Prefect UI: PREFECT_SERVER_ANALYTICS_ENABLED=false "

@@ -229,8 +229,13 @@ def assign_aliases(
         client.delete_registered_model_alias(name, CHALLENGER)
 
 
+# MLflow 3's UI shows every experiment in its GenAI (traces) workflow unless the page's
+# query asks for the model-training one (or the user switched it in the sidebar): as of
+# MLflow 3.17 the workflow switch, not the experiment's kind tag, decides the view.
+UI_WORKFLOW = "workflowType=machine_learning"
+
 EXPERIMENT_TAGS = {
-    # Open in MLflow's model-training view, not its GenAI (traces) view.
+    # The experiment's kind, as MLflow's UI sets it (older UIs chose the view by it).
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.note.content": (
         "gaussian-ad training runs: one run per category and training, each registering a "
@@ -313,8 +318,9 @@ def record_training(
     selection: dict[str, Any] | None = None,
 ) -> TrainingRecord:
     """Log into the training's run (see :func:`training_run`): params, headline metrics, the
-    per-level report (:data:`LEVELS_ARTIFACT`), the HTML report and the model; register it
-    with tags and a description, set the aliases, describe the registered model.
+    per-level report (:data:`LEVELS_ARTIFACT`) and the model; register it with tags and a
+    description, set the aliases, describe the registered model, and log the HTML report
+    (``report.html``), whose first screen gives the version and the promotion decision.
 
     The current champion is scored on this run's test rows of ``store`` (see
     :func:`store_auroc`), so promotion compares both models on the same images, by each
@@ -325,49 +331,38 @@ def record_training(
     client = MlflowClient()
     name = registered_name(category)
     config = detector.config
-    levels = list(config.image_levels)
     n_train = detector.model_.n_samples_
     params = {**config.to_dict(), "n_train": n_train, **params}
-    test = store.manifest.iloc[evaluation.test.index]
-    report = report_data(
-        f"{category}: {config.backbone}, levels {levels}, {config.score} score",
-        evaluation,
-        test["path"].tolist(),
-        test["defect"].tolist(),
-        params,
-    )
     metrics = headline_metrics(evaluation, n_train)
+    current = champion(name, client)
+    previous = None
+    if current is not None:
+        previous_model = load_detector(f"models:/{name}/{current.version}", detector.loader)
+        previous = store_auroc(previous_model, store, evaluation.test.index)
+    promoted, reason = decide_promotion(evaluation.auroc, previous, tolerance)
+    outcome = TrainingRecord(
+        run_id,
+        "",
+        name,
+        "",
+        config.score,
+        promoted,
+        reason,
+        evaluation.auroc,
+        previous,
+        current.version if current else None,
+        metrics,
+    )
+    description = version_description(category, params, evaluation, outcome)
     with mlflow.start_run(run_id=run_id) as run:
-        experiment_id = run.info.experiment_id
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
+        if previous is not None:
+            mlflow.log_metric("champion_auroc", previous)
         if selection is not None:
             mlflow.log_dict(selection, "selection.json")
-        mlflow.log_dict(level_report(evaluation, levels), LEVELS_ARTIFACT)
-        with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifact(str(write_report(report, Path(tmp) / "report.html")))
+        mlflow.log_dict(level_report(evaluation, list(config.image_levels)), LEVELS_ARTIFACT)
         info = log_detector(detector, name)
-        current = champion(name, client)
-        previous = None
-        if current is not None:
-            previous_model = load_detector(f"models:/{name}/{current.version}", detector.loader)
-            previous = store_auroc(previous_model, store, evaluation.test.index)
-            mlflow.log_metric("champion_auroc", previous)
-        promoted, reason = decide_promotion(evaluation.auroc, previous, tolerance)
-        outcome = TrainingRecord(
-            run_id,
-            experiment_id,
-            name,
-            "",
-            config.score,
-            promoted,
-            reason,
-            evaluation.auroc,
-            previous,
-            current.version if current else None,
-            metrics,
-        )
-        description = version_description(category, params, evaluation, outcome)
         mlflow.set_tags(
             {
                 "promoted": str(promoted),
@@ -378,10 +373,42 @@ def record_training(
     tags = version_tags(detector, evaluation, params, promoted, selection)
     version = register(info.model_uri, name, tags, client, description).version
     assign_aliases(name, version, promoted, client)
-    outcome = replace(outcome, version=version)
+    outcome = replace(outcome, experiment_id=run.info.experiment_id, version=version)
     client.update_registered_model(name, description=model_description(category, outcome, current))
+    log_report(client, outcome, detector, evaluation, store, params, category)
     logger.info("%s v%s: %s", name, version, reason)
     return outcome
+
+
+def log_report(
+    client: MlflowClient,
+    outcome: TrainingRecord,
+    detector: Detector,
+    evaluation: Evaluation,
+    store: FeatureStore,
+    params: dict[str, Any],
+    category: str,
+) -> None:
+    """Log the HTML report (``report.html``) into the training's run: the evaluation of the
+    store's test rows, with their masks, the detector's calibration and the registry's
+    verdict (version, promotion decision and reason)."""
+    config = detector.config
+    test = store.manifest.iloc[evaluation.test.index]
+    report = report_data(
+        f"{category}: {config.backbone}, levels {list(config.image_levels)}, {config.score} score",
+        evaluation,
+        test["path"].tolist(),
+        test["defect"].tolist(),
+        params,
+        masks=[m if isinstance(m, str) else None for m in test["mask"]],
+        calibration=detector.calibration_,
+        category=category,
+        model_version=outcome.version,
+        promoted=outcome.promoted,
+        promotion=outcome.reason,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifact(outcome.run_id, str(write_report(report, Path(tmp) / "report.html")))
 
 
 def headline_metrics(evaluation: Evaluation, n_train: int) -> dict[str, float]:
@@ -515,10 +542,14 @@ def model_description(category: str, outcome: TrainingRecord, previous: VersionR
 
 
 def ui_url(tracking_uri: str, fragment: str) -> str | None:
-    """The MLflow UI page ``#/<fragment>`` of an http(s) tracking server, else None."""
+    """The MLflow UI page ``#/<fragment>`` of an http(s) tracking server, else None.
+
+    The page opens in the UI's model-training workflow (:data:`UI_WORKFLOW`), not in the
+    GenAI one that MLflow 3 shows by default.
+    """
     if not tracking_uri.startswith(("http://", "https://")):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/{fragment}"
+    return f"{tracking_uri.rstrip('/')}/#/{fragment}?{UI_WORKFLOW}"
 
 
 def training_summary(record: TrainingRecord, tracking_uri: str) -> str:
@@ -565,11 +596,22 @@ def training_summary(record: TrainingRecord, tracking_uri: str) -> str:
 
 
 def candidate_key(candidate: dict[str, Any]) -> str:
-    """A short name of a selection candidate: ``<score>`` or ``<score>_L<levels>[_<r>]``."""
-    if candidate["levels"] is None:
-        return candidate["score"]
-    key = f"{candidate['score']}_L{candidate['levels'].replace(',', '.')}"
-    return key + (f"_{candidate['reduction']}" if candidate["reduction"] else "")
+    """A short name of a selection candidate (:meth:`Candidate.to_dict`):
+    ``<score>[_L<levels>][_<reduction>][_<pooling>]``.
+
+    The pooling names the patch model: nothing for the per-position model (radius 0, also
+    when a recorded candidate has no ``pool_radius``), ``pool<r>`` for one pooled over r
+    cells, ``free`` for the position-free model (None).
+    """
+    key = candidate["score"]
+    if candidate["levels"] is not None:
+        key += f"_L{candidate['levels'].replace(',', '.')}"
+    if candidate["reduction"]:
+        key += f"_{candidate['reduction']}"
+    radius = candidate.get("pool_radius", 0)
+    if radius is None:
+        return key + "_free"
+    return key + (f"_pool{radius}" if radius else "")
 
 
 INCREMENTAL_SETTINGS = ("backbone", "levels", "score", "patch", "patch_grid", "patch_channels")

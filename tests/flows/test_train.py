@@ -156,8 +156,22 @@ def test_training_publishes_its_headline_figures_to_prefect(trained, mlflow_uri)
         assert figure in text, figure
     assert f"| AUROC (image score, ranks and promotes) | {trained['auroc']:.4f} |" in text
     experiment = MlflowClient(mlflow_uri).get_run(trained["run_id"]).info.experiment_id
-    assert f"{mlflow_uri}/#/experiments/{experiment}/runs/{trained['run_id']}" in text
-    assert f"{mlflow_uri}/#/models/{NAME}/versions/{trained['version']}" in text
+    ml = "?workflowType=machine_learning"  # MLflow 3's UI, else in its GenAI view
+    assert f"{mlflow_uri}/#/experiments/{experiment}/runs/{trained['run_id']}{ml})" in text
+    assert f"{mlflow_uri}/#/models/{NAME}/versions/{trained['version']}{ml})" in text
+
+
+def test_logged_report_shows_the_registry_verdict(trained, mlflow_uri, tmp_path):
+    client = MlflowClient(mlflow_uri)
+    html = Path(client.download_artifacts(trained["run_id"], "report.html", str(tmp_path)))
+    text = html.read_text()
+    assert f"model version <b>{trained['version']}</b>" in text
+    assert f"category <b>{CATEGORY}</b>" in text
+    assert '<span class="badge champion">champion</span>' in text
+    assert trained["reason"] == "no champion yet" and "no champion yet" in text
+    assert f'<b id="threshold">{trained["threshold"]:.6g}</b>' in text
+    # Its target FPR came from the detector's calibration.
+    assert "for a target FPR of 0.01" in text
 
 
 def test_pyfunc_champion_scores_like_the_detector(trained, small_dataset, mlflow_uri):
@@ -201,6 +215,11 @@ def test_worse_model_does_not_take_champion(trained, small_dataset, tmp_path, ml
     assert f"Last training: v{result['version']}, not promoted" in model
     [artifact] = flow_run_artifacts(result["flow_run_id"])
     assert "| promoted | no |" in artifact.data and "**Not promoted**: AUROC" in artifact.data
+    report = client.download_artifacts(result["run_id"], "report.html", str(tmp_path))
+    text = Path(report).read_text()
+    assert f"model version <b>{result['version']}</b>" in text
+    assert '<span class="badge challenger">not promoted</span>' in text
+    assert "champion kept" in text
 
 
 @pytest.fixture
@@ -313,13 +332,15 @@ def test_cli_train_and_score_archive_flags_reach_the_flows(
     runner = CliRunner()
     args = ["train", str(small_dataset), "--category", "grain", "--levels", "7-9"]
     args += ["--target-fpr", "0.05", "--shard-size", "8", "--seed", "1", "--batch-size", "9"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, "--no-photometric"])
     assert result.exit_code == 0, result.output
     client = MlflowClient(mlflow_uri)
     version = client.get_model_version_by_alias("gaussian-ad-grain", "champion")
     assert version.tags["levels"] == "7,8,9"
     run = client.get_run(version.run_id)
     assert run.data.params["target_fpr"] == "0.05" and run.data.params["seed"] == "1"
+    augment = run.data.params["augment"]
+    assert "'photometric': False" in augment and "'flips': True" in augment
     store = FeatureStore.open(_store_of(tmp_path / "home"))
     assert store.n_shards == -(-store.n_rows // 8)
     path, n_images = archive
