@@ -324,10 +324,13 @@ def test_incremental_retraining_merges_new_images_into_the_champion(
 def test_cli_train_and_score_archive_flags_reach_the_flows(
     small_dataset, prefect_harness, mlflow_uri, tmp_path, monkeypatch, archive
 ):
+    import gaussian_ad_flows.train  # noqa: F401
     from typer.testing import CliRunner
 
     from gaussian_ad.cli import app
 
+    # The CLI imports Prefect lazily; imported inside the first invoke, Prefect's console
+    # log handler would keep that invoke's captured (then closed) stream for the next one.
     monkeypatch.setenv("GAUSSIAN_AD_HOME", str(tmp_path / "home"))
     runner = CliRunner()
     args = ["train", str(small_dataset), "--category", "grain", "--levels", "7-9"]
