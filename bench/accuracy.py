@@ -27,12 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import machine_summary
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "devdata" / "visa"
 # name -> DetectorConfig fields (besides patch=True): the paper's method, PaDiM-like
@@ -59,28 +60,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    import numpy as np
-    import torch
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{cpu_model()}, {os.cpu_count()} cores, {memory:.1f} GiB; python "
-        f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
-    )
-
-
 def evaluate_candidate(name, config, passed, keys, layout, fingerprint, test, records, args):
     """One candidate from the shared passes: its evaluation row."""
     from gaussian_ad.detection.detector import Detector
-    from gaussian_ad.evaluation.evaluate import evaluate
+    from gaussian_ad.evaluation.evaluate import evaluate_records
     from gaussian_ad.features.extract import pick_levels
     from gaussian_ad.stats.metrics import confusion
 
@@ -88,14 +71,7 @@ def evaluate_candidate(name, config, passed, keys, layout, fingerprint, test, re
     detector = Detector(config).fit_pass(passed, keys, layout, fingerprint, args.target_fpr)
     levels = pick_levels(test.pooled, passed.levels, config.image_levels)
     scores = detector.score_features(levels, test.patches, maps=True, index=test.index)
-    scored = [records[i] for i in scores.index]
-    evaluation = evaluate(
-        detector,
-        detector.oof_scores_,
-        scores,
-        [r.label for r in scored],
-        [r.mask for r in scored],
-    )
+    evaluation = evaluate_records(detector, scores, [records[i] for i in scores.index])
     counts = confusion(evaluation.labels, evaluation.test.scores, evaluation.threshold)
     return {
         "candidate": name,
@@ -205,7 +181,7 @@ def main() -> None:
     if not args.data_root.is_dir():
         sys.exit(f"no data at {args.data_root}: pass DATA_ROOT (MVTec layout)")
     categories = args.category or mvtec_categories(args.data_root)
-    print(f"machine: {machine()}")
+    print(machine_summary())
     print(f"data:    {args.data_root} ({', '.join(categories)})")
     results = []
     for category in categories:
@@ -218,7 +194,9 @@ def main() -> None:
         out.unlink()
         print_category(results[-1])
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps({"machine": machine_summary(), "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from accuracy import DEFAULT_ROOT, machine
+from accuracy import DEFAULT_ROOT
+from machine import machine_summary
 
 FAMILIES = ("photometric", "flips", "rotate90", "shift_scale_rotate")
 
@@ -46,7 +47,7 @@ def main() -> None:
     from gaussian_ad.stats.metrics import auroc
     from gaussian_ad.stats.moments import Moments
 
-    print(f"machine: {machine()}")
+    print(machine_summary())
     backbone = cached_backbone("lite0", tuple(range(1, 10)), None, True, "cpu")
     off = AugmentConfig(flips=False, rotate90=False, shift_scale_rotate=False, photometric=False)
     settings = {"none": None, **{f: replace(off, **{f: True}) for f in FAMILIES}}

@@ -237,13 +237,7 @@ def evaluate_category(
     detector = Detector(config, loader).fit([r.path for r in train], target_fpr, progress)
     scores = detector.score([r.path for r in test], maps=config.patch, progress=progress)
     scored = [test[i] for i in scores.index]
-    evaluation = evaluate(
-        detector,
-        detector.oof_scores_,
-        scores,
-        [r.label for r in scored],
-        [r.mask for r in scored],
-    )
+    evaluation = evaluate_records(detector, scores, scored)
     return CategoryEvaluation(
         category,
         detector,
@@ -251,6 +245,20 @@ def evaluate_category(
         scored,
         detector.model_.n_samples_,
         detector.errors_ + scores.errors,
+    )
+
+
+def evaluate_records(
+    detector: Detector, scores: Scores, records: Sequence[ImageRecord]
+) -> Evaluation:
+    """:func:`evaluate` a detector fitted by :meth:`Detector.fit` (against its out-of-fold
+    scores) on the labelled ``records`` that ``scores`` scored, row for row."""
+    return evaluate(
+        detector,
+        detector.oof_scores_,
+        scores,
+        [r.label for r in records],
+        [r.mask for r in records],
     )
 
 
