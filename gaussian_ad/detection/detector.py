@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 from sklearn.exceptions import NotFittedError
@@ -35,9 +35,10 @@ from gaussian_ad.stats.calibration import Calibration
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.moments import BatchMoments
 from gaussian_ad.stats.patch_gaussian import PatchGaussian
-from gaussian_ad.store.feature_store import FeatureStore
-from gaussian_ad.store.outofcore import fit_store, patch_moments, store_moments
 from gaussian_ad.store.plan import fold_ids
+
+if TYPE_CHECKING:  # the store modules import Dask, distributed and Zarr: only where used
+    from gaussian_ad.store.feature_store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ class Detector:
         incremental retraining; needs reduction=None and the same patch layout); its
         calibration then comes from the new rows, scored out of fold.
         """
+        from gaussian_ad.store.outofcore import fit_store, patch_moments, store_moments
+
         rows = np.arange(store.n_rows) if rows is None else np.asarray(rows)
         rows = rows[store.valid()[rows]]
         if list(store.levels) != list(self.config.image_levels):

@@ -248,6 +248,14 @@ class GaussianAD(BaseEstimator):
         variance: identical training images, or (with a reduction) zero variance on the
         kept components.
         """
+        return self._fit_moments(list(moments))
+
+    def _fit_moments(
+        self, moments: list[Moments], precisions: list[np.ndarray] | None = None
+    ) -> Self:
+        """:meth:`fit_moments`, with the precisions given (saved with the model: a load
+        skips the inversions, the most expensive step of a model's start-up) or computed
+        (the pseudo-inverses of the Ledoit-Wolf covariances)."""
         self._check_params()
         moments = list(moments)
         if self.reduction is None:
@@ -260,13 +268,19 @@ class GaussianAD(BaseEstimator):
             raise ValueError(
                 f"statistics of dims {[m.dim for m in moments]}, expected {self.dims_expected()}"
             )
-        means, covariances, precisions, shrinkages = [], [], [], []
+        means, covariances, shrinkages = [], [], []
         for m in moments:
             covariance, shrinkage = ledoit_wolf(m)
             means.append(m.mean)
             covariances.append(covariance)
-            precisions.append(pinvh(covariance, check_finite=False))
             shrinkages.append(shrinkage)
+        if precisions is None:
+            precisions = [pinvh(c, check_finite=False) for c in covariances]
+        elif [p.shape for p in precisions] != [c.shape for c in covariances]:
+            raise ValueError(
+                f"saved precisions of shapes {[p.shape for p in precisions]} do not fit the "
+                f"statistics' {[c.shape for c in covariances]}"
+            )
         self.moments_ = moments
         self.means_, self.covariances_ = means, covariances
         self.precisions_, self.shrinkages_ = precisions, shrinkages
@@ -366,6 +380,7 @@ class GaussianAD(BaseEstimator):
                 arrays.update(fitted.to_arrays(f"level{i}.fit."))
                 arrays[f"level{i}.components"] = self.components_[i]
                 arrays[f"level{i}.pca_mean"] = self.pca_means_[i]
+            arrays[f"level{i}.precision"] = self.precisions_[i]
         header = {
             "format_version": FORMAT_VERSION,
             "reduction": self.reduction,
@@ -380,7 +395,8 @@ class GaussianAD(BaseEstimator):
         """Read a model written by :meth:`save`; ``metadata_`` holds the saved metadata.
 
         Files of format 1 may carry a ``threshold``; it is ignored (thresholds belong to
-        the detector's calibration).
+        the detector's calibration). The saved precisions are used as they are (files
+        without them are inverted again).
         """
         what = "gaussian-ad model"
         header, arrays = read_arrays(path, "gaussian_ad", FORMAT_VERSION, what)
@@ -390,16 +406,21 @@ class GaussianAD(BaseEstimator):
             )
             n_levels = header["n_levels"]
             raw = [Moments.from_arrays(arrays, f"level{i}.raw.") for i in range(n_levels)]
+            saved = [arrays.get(f"level{i}.precision") for i in range(n_levels)]
+            precisions = (
+                None
+                if any(p is None for p in saved)
+                else [np.asarray(p, dtype=np.float64) for p in saved]
+            )
             if model.reduction is None:
-                model.fit_moments(raw)
+                model._fit_moments(raw, precisions)
             else:
                 model.raw_moments_ = raw
                 model.n_features_in_ = [m.dim for m in raw]
                 model.components_ = [arrays[f"level{i}.components"] for i in range(n_levels)]
                 model.pca_means_ = [arrays[f"level{i}.pca_mean"] for i in range(n_levels)]
-                model.fit_moments(
-                    [Moments.from_arrays(arrays, f"level{i}.fit.") for i in range(n_levels)]
-                )
+                fitted = [Moments.from_arrays(arrays, f"level{i}.fit.") for i in range(n_levels)]
+                model._fit_moments(fitted, precisions)
             model.metadata_ = dict(header["metadata"])
         return model
 

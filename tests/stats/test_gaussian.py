@@ -383,3 +383,29 @@ def test_zero_variance_on_the_kept_components_is_named():
     with pytest.raises(ValueError, match=r"level 1 of 1: .*zero variance on the kept 'npca'"):
         GaussianAD(reduction="npca").fit([x])
     assert np.isfinite(GaussianAD(reduction="pca").fit([x]).level_scores([x])).all()
+
+
+@pytest.mark.parametrize("reduction", [None, "npca"])
+def test_load_uses_the_saved_precisions_and_files_without_them_still_load(tmp_path, reduction):
+    from gaussian_ad.stats.arrayfile import ModelFileError, read_arrays, write_arrays
+    from gaussian_ad.stats.gaussian import FORMAT_VERSION
+
+    rng = np.random.default_rng(3)
+    levels = [rng.normal(size=(40, 6)), rng.normal(size=(40, 4)) @ rng.normal(size=(4, 4))]
+    model = GaussianAD(reduction=reduction).fit(levels)
+    path = model.save(tmp_path / "m.safetensors")
+    loaded = GaussianAD.load(path)
+    for saved, again in zip(model.precisions_, loaded.precisions_, strict=True):
+        np.testing.assert_array_equal(again, saved)  # read, not inverted again
+    np.testing.assert_array_equal(loaded.level_scores(levels), model.level_scores(levels))
+    header, arrays = read_arrays(path, "gaussian_ad", FORMAT_VERSION, "model")
+    older = {k: v for k, v in arrays.items() if not k.endswith(".precision")}
+    write_arrays(tmp_path / "old.safetensors", older, "gaussian_ad", header)
+    refitted = GaussianAD.load(tmp_path / "old.safetensors")
+    np.testing.assert_allclose(
+        refitted.level_scores(levels), model.level_scores(levels), rtol=1e-12
+    )
+    arrays["level0.precision"] = np.eye(3)
+    write_arrays(tmp_path / "bad.safetensors", arrays, "gaussian_ad", header)
+    with pytest.raises(ModelFileError, match="precisions"):
+        GaussianAD.load(tmp_path / "bad.safetensors")
