@@ -34,6 +34,7 @@ from gaussian_ad.evaluation.report import report_data, write_report
 from gaussian_ad.features.extract import source_label
 from gaussian_ad.scoring.run import PinnedModel
 from gaussian_ad.scoring.tables import score_table
+from gaussian_ad.stats.metrics import confusion
 from gaussian_ad.store.feature_store import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -353,7 +354,8 @@ def record_training(
         current.version if current else None,
         metrics,
     )
-    description = version_description(category, params, evaluation, outcome)
+    defects = store.manifest.iloc[evaluation.test.index]["defect"].tolist()
+    description = version_description(category, params, evaluation, outcome, defects)
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
@@ -496,11 +498,37 @@ def version_tags(
     return tags
 
 
+def working_point(evaluation: Evaluation, defects: list[str] | None = None) -> str:
+    """The threshold in words: its FPR on the held-out normals, the test confusion matrix,
+    FPR and recall at it, and (with the test rows' ``defects``) the recall per defect type."""
+    counts = confusion(evaluation.labels, evaluation.test.scores, evaluation.threshold)
+    held = evaluation.heldout.scores
+    held_fpr = float(np.mean(held > evaluation.threshold)) if len(held) else float("nan")
+    text = (
+        f"Working point: flagged when its {evaluation.kind} score > {evaluation.threshold:.6g}; "
+        f"held-out normals' FPR {held_fpr:.3f} ({len(held)} images). On the test set: "
+        f"TP {counts.tp}, FN {counts.fn}, FP {counts.fp}, TN {counts.tn} "
+        f"(FPR {counts.fpr:.3f}, recall {counts.recall:.3f})."
+    )
+    if defects is not None and evaluation.test.is_anomaly is not None:
+        flagged = np.asarray(evaluation.test.is_anomaly)
+        kinds = sorted(set(defects) - {"good"})
+        recalls = [f"{kind} {flagged[[d == kind for d in defects]].mean():.2f}" for kind in kinds]
+        if recalls:
+            text += f" Recall per defect type: {', '.join(recalls)}."
+    return text
+
+
 def version_description(
-    category: str, params: dict[str, Any], evaluation: Evaluation, outcome: TrainingRecord
+    category: str,
+    params: dict[str, Any],
+    evaluation: Evaluation,
+    outcome: TrainingRecord,
+    defects: list[str] | None = None,
 ) -> str:
     """The version's description in words: what it was trained on, its AUROC against the
-    champion's on the same test images, and why it was or was not promoted."""
+    champion's on the same test images, its working point (:func:`working_point`), and why
+    it was or was not promoted."""
     n_test, n_anomalous = len(evaluation.labels), int(np.sum(evaluation.labels))
     origin = f" from `{params['data_root']}`" if params.get("data_root") else ""
     levels = ",".join(map(str, params["levels"]))
@@ -518,7 +546,7 @@ def version_description(
             f"{outcome.champion_auroc:.4f} on the same images."
         )
     verdict = "Promoted to champion" if outcome.promoted else "Not promoted"
-    return f"{text}\n\n{verdict}: {outcome.reason}."
+    return f"{text}\n\n{working_point(evaluation, defects)}\n\n{verdict}: {outcome.reason}."
 
 
 def model_description(category: str, outcome: TrainingRecord, previous: VersionRef | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -112,7 +113,23 @@ def test_descriptions_say_what_was_trained_and_why_it_was_promoted(trained, mlfl
     version = client.get_model_version(NAME, trained["version"])
     assert "25 good images" in version.description and "AUROC 1.0000" in version.description
     assert "Promoted to champion: no champion yet" in version.description
+    # The working point: threshold, held-out FPR, confusion matrix, recall per defect type,
+    # the same numbers as the run's metrics.
     run = client.get_run(trained["run_id"])
+    metrics = run.data.metrics
+    point = re.search(
+        r"flagged when its image score > (\S+); held-out normals' FPR (\S+) \(\d+ images\)\. "
+        r"On the test set: TP (\d+), FN (\d+), FP (\d+), TN (\d+) \(FPR (\S+), recall (\S+)\)",
+        version.description,
+    )
+    assert point is not None, version.description
+    assert float(point[1]) == pytest.approx(metrics["threshold"], rel=1e-5)
+    assert float(point[2]) == pytest.approx(metrics["heldout_fpr"], abs=1e-3)
+    tp, fn, fp, tn = (int(point[i]) for i in range(3, 7))
+    assert float(point[7]) == pytest.approx(metrics["test_fpr"], abs=1e-3)
+    assert tp / (tp + fn) == pytest.approx(metrics["test_recall"], abs=1e-3)
+    assert fp / (fp + tn) == pytest.approx(metrics["test_fpr"], abs=1e-3)
+    assert "Recall per defect type: " in version.description
     assert run.data.tags["mlflow.note.content"] == version.description
     model = client.get_registered_model(NAME)
     assert f"Champion: v{trained['version']}, AUROC" in model.description
