@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 from sklearn.exceptions import NotFittedError
-from threadpoolctl import threadpool_limits
 
 from gaussian_ad.backbones.models import Backbone, cached_backbone
 from gaussian_ad.config import DetectorConfig, LoaderOptions
@@ -45,9 +44,6 @@ logger = logging.getLogger(__name__)
 
 PATCH_SUFFIX = ".patch.safetensors"
 STORE_CHUNK = 32  # rows of patch features scored at a time
-# A batch's image-level scores are a few small matrix products between two forward passes;
-# with more BLAS threads, OpenBLAS's idle threads spin beside the next forward pass.
-SCORING_BLAS_THREADS = 1
 
 
 class Detector:
@@ -388,8 +384,7 @@ class Detector:
         self.check_fitted()
         n = len(levels[0])
         n_levels = len(self.config.image_levels)
-        with threadpool_limits(SCORING_BLAS_THREADS, user_api="blas"):
-            level_scores = self.model_.level_scores(levels) if n else np.zeros((0, n_levels))
+        level_scores = self.model_.level_scores(levels) if n else np.zeros((0, n_levels))
         anomaly_maps = None
         if self.patch_model_ is not None and patches is not None:
             size = self.config.image_size
