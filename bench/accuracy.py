@@ -54,6 +54,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--category", action="append", help="default: every category")
     parser.add_argument("--select", action="store_true", help="also the selection's pick")
     parser.add_argument("--target-fpr", type=float, default=0.01)
+    parser.add_argument("--input-size", type=int, help="square input side (default: native)")
+    parser.add_argument(
+        "--candidates", default=",".join(CANDIDATES), help="comma-separated, of: %(default)s"
+    )
     parser.add_argument("--json", type=Path, help="write every row as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -97,7 +101,7 @@ def run_category(args: argparse.Namespace) -> dict:
 
     train, test_records = split_records(mvtec_manifest(args.data_root, args.child))
     train_paths = [r.path for r in train]
-    base = DetectorConfig(patch=True)
+    base = DetectorConfig(patch=True, input_size=args.input_size)
     loader = LoaderOptions()
     backbone = Detector(base, loader).backbone_module()
     layout = PatchLayout.for_config(backbone, base)
@@ -108,17 +112,14 @@ def run_category(args: argparse.Namespace) -> dict:
     extraction = time.perf_counter() - start
     keys = [source_label(train_paths[i], i) for i in passed.index]
     shared = (passed, keys, layout, backbone.weights_fingerprint, test, test_records, args)
-    configs = {name: base.replace(**fields) for name, fields in CANDIDATES.items()}
+    names = args.candidates.split(",")
+    configs = {name: base.replace(**CANDIDATES[name]) for name in names}
     rows = [evaluate_candidate(name, c, *shared) for name, c in configs.items()]
     default = DetectorConfig()  # what `gaussian-ad train DATA` fits
-    picks = {
-        "default": next(
-            r["candidate"]
-            for r in rows
-            if r["config"]["score"] == default.score
-            and r["config"]["reduction"] == default.reduction
-        )
-    }
+    picks = {}
+    for row in rows:
+        if (row["config"]["score"], row["config"]["reduction"]) == (default.score, None):
+            picks["default"] = row["candidate"]
     if args.select:
         start = time.perf_counter()
         selection = select_on_normals(train_paths, base, loader=loader)
@@ -188,6 +189,8 @@ def main() -> None:
         out = Path(f"/tmp/accuracy-{os.getpid()}-{category}.json")
         command = [sys.executable, __file__, str(args.data_root), "--child", category]
         command += ["--result", str(out), "--target-fpr", str(args.target_fpr)]
+        command += ["--candidates", args.candidates]
+        command += ["--input-size", str(args.input_size)] if args.input_size else []
         command += ["--select"] if args.select else []
         subprocess.run(command, check=True)
         results.append(json.loads(out.read_text()))
