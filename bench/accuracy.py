@@ -69,14 +69,13 @@ def evaluate_candidate(name, config, passed, keys, layout, fingerprint, test, re
     from gaussian_ad.detection.detector import Detector
     from gaussian_ad.evaluation.evaluate import evaluate_records
     from gaussian_ad.features.extract import pick_levels
-    from gaussian_ad.stats.metrics import confusion
 
     start = time.perf_counter()
     detector = Detector(config).fit_pass(passed, keys, layout, fingerprint, args.target_fpr)
     levels = pick_levels(test.pooled, passed.levels, config.image_levels)
     scores = detector.score_features(levels, test.patches, maps=True, index=test.index)
     evaluation = evaluate_records(detector, scores, [records[i] for i in scores.index])
-    counts = confusion(evaluation.labels, evaluation.test.scores, evaluation.threshold)
+    counts = evaluation.confusion
     return {
         "candidate": name,
         "config": config.to_dict(),

@@ -420,12 +420,14 @@ def manifest_fingerprint(records: Iterable[ImageRecord]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def load_masks(mask_paths: Sequence[str | None], size: int) -> np.ndarray:
-    """(n, size, size) bool ground truth, resized with nearest neighbour; None = all normal."""
-    masks = np.zeros((len(mask_paths), size, size), dtype=bool)
+def load_masks(mask_paths: Sequence[str | None], size: int | tuple[int, int]) -> np.ndarray:
+    """(n, H, W) bool ground truth, resized with nearest neighbour to ``size`` (H = W, or
+    (H, W)); None = all normal."""
+    height, width = (size, size) if isinstance(size, int) else size
+    masks = np.zeros((len(mask_paths), height, width), dtype=bool)
     for i, path in enumerate(mask_paths):
         if path is not None:
             with Image.open(path) as mask:
-                resized = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
+                resized = mask.convert("L").resize((width, height), Image.Resampling.NEAREST)
             masks[i] = np.asarray(resized) > 127
     return masks

@@ -21,13 +21,15 @@ import numpy as np
 from PIL import Image
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
-from gaussian_ad.data.images import ImageError, ImageRecord, mvtec_manifest
+from gaussian_ad.data.images import ImageError, ImageRecord, load_masks, mvtec_manifest
 from gaussian_ad.detection.detector import Detector, score_store_rows
 from gaussian_ad.detection.scores import Scores
 from gaussian_ad.stats.calibration import combine
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.metrics import (
+    Confusion,
     auroc,
+    confusion,
     level_aurocs,
     mean_sem,
     pixel_auroc,
@@ -117,6 +119,16 @@ class Evaluation:
     pro_points: tuple[np.ndarray, np.ndarray] | None = None  # (FPR, PRO), PRO_POINTS each
 
     @property
+    def confusion(self) -> Confusion:
+        """The test set's confusion matrix (and FPR, recall) at the threshold."""
+        return confusion(self.labels, self.test.scores, self.threshold)
+
+    @property
+    def heldout_fpr(self) -> float:
+        """The held-out (out-of-fold) normals' false-positive rate at the threshold."""
+        return observed_rate(self.heldout.scores, self.threshold)
+
+    @property
     def auroc(self) -> float:
         """Test AUROC of the chosen score."""
         return self.aurocs[self.kind]
@@ -195,14 +207,7 @@ def pixel_metrics(
         width, height = image.size
     scale = min(1.0, max_side / max(width, height))
     height, width = max(1, round(height * scale)), max(1, round(width * scale))
-    masks = np.zeros((len(mask_paths), height, width), dtype=bool)
-    for i, path in enumerate(mask_paths):
-        if path is not None:
-            with Image.open(path) as mask:
-                gray = mask.convert("L")
-                if gray.size != (width, height):
-                    gray = gray.resize((width, height), Image.Resampling.NEAREST)
-                masks[i] = np.asarray(gray) > 127
+    masks = load_masks(mask_paths, (height, width))
     resized = np.empty(masks.shape, dtype=np.float32)
     for start in range(0, len(maps), 16):  # bounded float64 temporaries
         resized[start : start + 16] = upsample_bilinear(maps[start : start + 16], (height, width))

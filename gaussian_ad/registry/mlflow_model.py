@@ -34,7 +34,6 @@ from gaussian_ad.evaluation.report import report_data, write_report
 from gaussian_ad.features.extract import source_label
 from gaussian_ad.scoring.run import PinnedModel
 from gaussian_ad.scoring.tables import score_table
-from gaussian_ad.stats.metrics import confusion
 from gaussian_ad.store.feature_store import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -422,13 +421,12 @@ def headline_metrics(evaluation: Evaluation, n_train: int) -> dict[str, float]:
     and the FPR on the held-out (out-of-fold) normals (``heldout_fpr``); ``n_train``.
     Per-level figures go to :func:`level_report`.
     """
-    flagged = np.asarray(evaluation.test.is_anomaly, dtype=bool)
-    normal = np.asarray(evaluation.labels) == 0
+    counts = evaluation.confusion
     return {
         **evaluation.summary_metrics(),
-        "test_fpr": float(flagged[normal].mean()),
-        "test_recall": float(flagged[~normal].mean()),
-        "heldout_fpr": float(np.mean(evaluation.heldout.is_anomaly)),
+        "test_fpr": counts.fpr,
+        "test_recall": counts.recall,
+        "heldout_fpr": evaluation.heldout_fpr,
         "n_train": float(n_train),
     }
 
@@ -501,12 +499,11 @@ def version_tags(
 def working_point(evaluation: Evaluation, defects: list[str] | None = None) -> str:
     """The threshold in words: its FPR on the held-out normals, the test confusion matrix,
     FPR and recall at it, and (with the test rows' ``defects``) the recall per defect type."""
-    counts = confusion(evaluation.labels, evaluation.test.scores, evaluation.threshold)
-    held = evaluation.heldout.scores
-    held_fpr = float(np.mean(held > evaluation.threshold)) if len(held) else float("nan")
+    counts = evaluation.confusion
     text = (
         f"Working point: flagged when its {evaluation.kind} score > {evaluation.threshold:.6g}; "
-        f"held-out normals' FPR {held_fpr:.3f} ({len(held)} images). On the test set: "
+        f"held-out normals' FPR {evaluation.heldout_fpr:.3f} ({len(evaluation.heldout)} "
+        "images). On the test set: "
         f"TP {counts.tp}, FN {counts.fn}, FP {counts.fp}, TN {counts.tn} "
         f"(FPR {counts.fpr:.3f}, recall {counts.recall:.3f})."
     )
