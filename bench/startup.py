@@ -58,10 +58,10 @@ from gaussian_ad.cli import app
 from gaussian_ad.config import LoaderOptions
 marks.append(("import the CLI (typer)", time.process_time()))
 from gaussian_ad.detection.detector import Detector
-marks.append(("import detection.detector (torch, timm, sklearn, dask, zarr)", time.process_time()))
+marks.append(("import detection.detector (torch, timm)", time.process_time()))
 from gaussian_ad.scoring.outputs import score_rows
 from gaussian_ad.scoring.tables import write_table
-marks.append(("import scoring.outputs, .tables (pandas, matplotlib)", time.process_time()))
+marks.append(("import scoring.outputs, .tables (pandas)", time.process_time()))
 detector = Detector.load(sys.argv[1], LoaderOptions(device="cpu"))
 marks.append(("Detector.load (the model file)", time.process_time()))
 detector.backbone_module()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -58,6 +60,29 @@ def test_fit_then_score_writes_one_row_per_image(small_dataset, tmp_path):
     ]
     assert not table["is_anomaly"].any()
     assert "broken.png" in output and "not an image" in output
+
+
+def test_score_command_imports_only_what_scoring_needs(small_dataset, tmp_path):
+    # Every score call and worker pays for what it imports: scikit-learn, SciPy, matplotlib,
+    # MLflow, Prefect, Dask and Zarr cost 0.2-2 s of CPU each and scoring needs none of them.
+    model = tmp_path / "disc.safetensors"
+    invoke("fit", small_dataset, "--category", "disc", "--levels", "7-9", "--out", model)
+    image = next((small_dataset / "disc" / "test").rglob("*.png"))
+    out = tmp_path / "scores.csv"
+    heavy = ("sklearn", "scipy", "matplotlib", "mlflow", "prefect", "dask", "distributed", "zarr")
+    code = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: print(sorted({{m.split('.')[0] for m in sys.modules}}"
+        f" & set({heavy!r}))))\n"
+        "from gaussian_ad.cli import app\n"
+        f"sys.argv = ['gaussian-ad', 'score', {str(model)!r}, {str(image)!r},"
+        f" '--out', {str(out)!r}]\n"
+        "app()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert len(pd.read_csv(out)) == 1
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
 
 
 def test_evaluate_patch_reports_pixel_metrics(small_dataset, tmp_path):

@@ -16,6 +16,8 @@ WITH_EXAMPLES = (
     "gaussian_ad.config",
     "gaussian_ad.stats.gaussian",
     "gaussian_ad.stats.patch_gaussian",
+    "gaussian_ad.stats.estimator",
+    "gaussian_ad.store.plan",
 )
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
-from sklearn.exceptions import NotFittedError
 
 from gaussian_ad.backbones.models import Backbone, cached_backbone
 from gaussian_ad.config import DetectorConfig, LoaderOptions
@@ -32,6 +31,7 @@ from gaussian_ad.features.extract import collect, iter_batches, pick_levels, sou
 from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.stats.arrayfile import ModelFileError, model_file_errors
 from gaussian_ad.stats.calibration import Calibration
+from gaussian_ad.stats.estimator import NotFittedError
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.moments import BatchMoments
 from gaussian_ad.stats.patch_gaussian import PatchGaussian

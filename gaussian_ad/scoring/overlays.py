@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 from gaussian_ad.data.images import ImageSource, load_rgb
@@ -59,8 +58,19 @@ def overlay(
     heat = Image.fromarray(np.nan_to_num(np.asarray(anomaly_map, np.float32), nan=low))
     heat = np.asarray(heat.resize(image.size, Image.Resampling.BILINEAR))
     normalised = np.clip((heat - low) / max(high - low, 1e-12), 0.0, 1.0)
-    colored = (colormaps["jet"](normalised)[..., :3] * 255).astype(np.uint8)
+    colored = jet(normalised)
     return Image.blend(image.convert("RGB"), Image.fromarray(colored), MAP_ALPHA)
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """uint8 RGB of matplotlib's jet colormap at ``values`` in [0, 1] (shape + (3,)).
+
+    Matplotlib is imported here, not with the module: a scoring run that writes no overlays
+    does not pay its import.
+    """
+    from matplotlib import colormaps
+
+    return (colormaps["jet"](values)[..., :3] * 255).astype(np.uint8)
 
 
 def map_range(
@@ -120,7 +130,7 @@ def legend(
     for row, (text, colour) in enumerate(lines):
         draw.text((pad, pad + row * line), text, fill=colour, font=font)
     span = width - 2 * pad
-    ramp = (colormaps["jet"](np.linspace(0.0, 1.0, span))[:, :3] * 255).astype(np.uint8)
+    ramp = jet(np.linspace(0.0, 1.0, span))
     panel.paste(Image.fromarray(np.repeat(ramp[None], size, axis=0)), (pad, bar_top))
     low, high = value_range
     labels_top = bar_top + size + (line - size) // 2

@@ -2,7 +2,8 @@
 
 The estimator follows scikit-learn's estimator contract: keyword-only parameters stored
 unchanged by ``__init__`` and validated when fitting, learned state in attributes ending
-in ``_`` that exist only after fitting, :class:`~sklearn.exceptions.NotFittedError` before.
+in ``_`` that exist only after fitting, :class:`~gaussian_ad.stats.estimator.NotFittedError` before
+(scikit-learn itself is not imported: see :mod:`gaussian_ad.stats.estimator`).
 Input is a sequence of feature arrays, one per level, each of shape (n, d_l).
 
 PCA / NPCA follow the paper's reference exactly: per level, the components of
@@ -24,13 +25,10 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-from scipy.linalg import pinvh
-from sklearn.base import BaseEstimator
-from sklearn.exceptions import NotFittedError
-from sklearn.utils.validation import check_is_fitted
 
 from gaussian_ad.stats.arrayfile import model_file_errors, read_arrays, write_arrays
-from gaussian_ad.stats.moments import BatchMoments, Moments, ledoit_wolf
+from gaussian_ad.stats.estimator import Estimator, NotFittedError, check_fitted
+from gaussian_ad.stats.moments import BatchMoments, Moments, ledoit_wolf, shrunk_precision
 from gaussian_ad.stats.thresholds import chi2_thresholds
 
 REDUCTIONS = (None, "pca", "npca")
@@ -95,7 +93,7 @@ def pca_basis(moments: Moments) -> tuple[np.ndarray, np.ndarray]:
     return eigenvalues[order], eigenvectors[:, order].T
 
 
-class GaussianAD(BaseEstimator):
+class GaussianAD(Estimator):
     """Anomaly detector: one Gaussian per feature level, image score = summed Mahalanobis.
 
     Each level's features are modelled by their mean and scikit-learn's Ledoit-Wolf
@@ -131,7 +129,7 @@ class GaussianAD(BaseEstimator):
     covariances_ : list of ndarray of shape (k_l, k_l)
         Ledoit-Wolf covariance per level.
     precisions_ : list of ndarray of shape (k_l, k_l)
-        Pseudo-inverse of each covariance.
+        Inverse of each covariance (symmetrised; see :func:`shrunk_precision`).
     shrinkages_ : list of float
         Ledoit-Wolf shrinkage per level.
     n_samples_ : int
@@ -255,7 +253,7 @@ class GaussianAD(BaseEstimator):
     ) -> Self:
         """:meth:`fit_moments`, with the precisions given (saved with the model: a load
         skips the inversions, the most expensive step of a model's start-up) or computed
-        (the pseudo-inverses of the Ledoit-Wolf covariances)."""
+        (the inverses of the Ledoit-Wolf covariances)."""
         self._check_params()
         moments = list(moments)
         if self.reduction is None:
@@ -275,7 +273,7 @@ class GaussianAD(BaseEstimator):
             covariances.append(covariance)
             shrinkages.append(shrinkage)
         if precisions is None:
-            precisions = [pinvh(c, check_finite=False) for c in covariances]
+            precisions = [shrunk_precision(c) for c in covariances]
         elif [p.shape for p in precisions] != [c.shape for c in covariances]:
             raise ValueError(
                 f"saved precisions of shapes {[p.shape for p in precisions]} do not fit the "
@@ -289,7 +287,7 @@ class GaussianAD(BaseEstimator):
 
     def dims_expected(self) -> list[int]:
         """Dimension of each level in the model's space (after any reduction)."""
-        check_is_fitted(self, "n_features_in_", msg=NOT_FITTED)
+        check_fitted(self, "n_features_in_", NOT_FITTED)
         if self.components_ is None:
             return list(self.n_features_in_)
         return [c.shape[0] for c in self.components_]
@@ -297,7 +295,7 @@ class GaussianAD(BaseEstimator):
     @property
     def dims_(self) -> list[int]:
         """Degrees of freedom per level: the dimension after any reduction."""
-        check_is_fitted(self, "means_", msg=NOT_FITTED)
+        check_fitted(self, "means_", NOT_FITTED)
         return [mean.shape[0] for mean in self.means_]
 
     def partial_fit(self, levels: Sequence[np.ndarray]) -> Self:
@@ -327,7 +325,7 @@ class GaussianAD(BaseEstimator):
 
         Available after :meth:`fit_components` (the second pass of a two-pass fit).
         """
-        check_is_fitted(self, "n_features_in_", msg=NOT_FITTED)
+        check_fitted(self, "n_features_in_", NOT_FITTED)
         levels = _as_level_list(levels)
         if len(levels) != len(self.n_features_in_):
             raise ValueError(f"got {len(levels)} levels, the model has {len(self.n_features_in_)}")
@@ -343,7 +341,7 @@ class GaussianAD(BaseEstimator):
 
     def level_scores(self, levels: Sequence[np.ndarray]) -> np.ndarray:
         """Unsquared Mahalanobis distance per image and level, shape (n, L)."""
-        check_is_fitted(self, "means_", msg=NOT_FITTED)
+        check_fitted(self, "means_", NOT_FITTED)
         columns = []
         for z, mean, precision in zip(
             self.transform(levels), self.means_, self.precisions_, strict=True
@@ -363,7 +361,7 @@ class GaussianAD(BaseEstimator):
 
     def predict(self, levels: Sequence[np.ndarray], threshold: float) -> np.ndarray:
         """True where the summed score exceeds ``threshold`` (the detector's calibration)."""
-        check_is_fitted(self, "means_", msg=NOT_FITTED)
+        check_fitted(self, "means_", NOT_FITTED)
         if threshold is None:
             raise ValueError("threshold is required (e.g. calibrated on held-out normals)")
         return self.anomaly_scores(levels) > threshold
@@ -371,7 +369,7 @@ class GaussianAD(BaseEstimator):
     # ------------------------------------------------------------- persistence
     def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write the model to one safetensors file (arrays + JSON metadata, no pickle)."""
-        check_is_fitted(self, "means_", msg=NOT_FITTED)
+        check_fitted(self, "means_", NOT_FITTED)
         path = Path(path)
         arrays: dict[str, np.ndarray] = {}
         for i, (raw, fitted) in enumerate(zip(self.raw_moments_, self.moments_, strict=True)):

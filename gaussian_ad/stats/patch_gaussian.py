@@ -32,14 +32,12 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-from scipy.ndimage import gaussian_filter, uniform_filter
-from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from gaussian_ad.stats.arrayfile import model_file_errors, read_arrays, write_arrays
+from gaussian_ad.stats.estimator import Estimator, check_fitted
 from gaussian_ad.stats.gaussian import NOT_FITTED, VARIANCE_RTOL, zero_variance
-from gaussian_ad.stats.moments import BatchMoments
+from gaussian_ad.stats.moments import BatchMoments, shrunk_precision
 
 DEFAULT_SIGMA = 4.0  # PaDiM's smoothing of the upsampled map
 FORMAT_VERSION = 2
@@ -76,6 +74,8 @@ def pool_positions(moments: BatchMoments, radius: int | None) -> BatchMoments:
         return BatchMoments(moments.n * moments.n_sets, common[None].copy(), *pooled)
     grid = math.isqrt(moments.n_sets)
     window = 2 * radius + 1
+
+    from scipy.ndimage import uniform_filter  # only here: not a cost of every import
 
     def box_sum(values: np.ndarray) -> np.ndarray:
         tiled = values.reshape(grid, grid, *values.shape[1:])
@@ -121,7 +121,7 @@ def upsample_bilinear(grids: np.ndarray, size: int | tuple[int, int]) -> np.ndar
     return rows[:, :, x0] * (1.0 - wx) + rows[:, :, x1] * wx
 
 
-class PatchGaussian(BaseEstimator):
+class PatchGaussian(Estimator):
     """Per-position Gaussian with Ledoit-Wolf shrinkage on (n, P, d) patch features.
 
     Every one of the P = grid x grid positions gets its own mean and scikit-learn
@@ -259,8 +259,7 @@ class PatchGaussian(BaseEstimator):
             for start in range(0, moments.n_sets, POSITIONS_PER_CHUNK):
                 chunk = slice(start, start + POSITIONS_PER_CHUNK)
                 covariance, shrinkages[chunk] = moments.take(chunk).ledoit_wolf()
-                precision = np.linalg.inv(covariance)  # shrunk: positive definite
-                precisions[chunk] = 0.5 * (precision + precision.swapaxes(-1, -2))
+                precisions[chunk] = shrunk_precision(covariance)
         self.moments_ = raw
         self.grid_ = grid
         self.means_ = moments.mean
@@ -272,7 +271,7 @@ class PatchGaussian(BaseEstimator):
     @property
     def covariances_(self) -> np.ndarray:
         """Ledoit-Wolf covariances (P, d, d), recomputed from the sums (not kept in memory)."""
-        check_is_fitted(self, "means_", msg=NOT_FITTED)
+        check_fitted(self, "means_", NOT_FITTED)
         return pool_positions(self.moments_, self.pool_radius).ledoit_wolf()[0]
 
     def partial_fit(self, features: np.ndarray) -> Self:
@@ -289,7 +288,7 @@ class PatchGaussian(BaseEstimator):
     # ----------------------------------------------------------------- scoring
     def score_maps(self, features: np.ndarray) -> np.ndarray:
         """Unsquared Mahalanobis distance per position: (B, grid, grid) float64."""
-        check_is_fitted(self, "means_", msg=NOT_FITTED)
+        check_fitted(self, "means_", NOT_FITTED)
         features = np.asarray(features)
         expected = (self.grid_**2, self.means_.shape[-1])
         if features.ndim != 3 or features.shape[1:] != expected:
@@ -306,8 +305,10 @@ class PatchGaussian(BaseEstimator):
         The score grid is upsampled bilinearly (align_corners=False) to size x size and
         smoothed with a Gaussian of ``sigma`` pixels; an image's score is its map's maximum.
         """
-        check_is_fitted(self, "means_", msg=NOT_FITTED)
+        check_fitted(self, "means_", NOT_FITTED)
         self._check_params()  # sigma is used here, so a set_params after fit is checked too
+        from scipy.ndimage import gaussian_filter  # only here: not a cost of every import
+
         upsampled = upsample_bilinear(self.score_maps(features), size)
         maps = gaussian_filter(upsampled, sigma=(0.0, self.sigma, self.sigma))
         return maps.reshape(len(maps), -1).max(axis=1), maps.astype(np.float32)
@@ -315,7 +316,7 @@ class PatchGaussian(BaseEstimator):
     # ------------------------------------------------------------- persistence
     def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """One safetensors file: the sums (arrays) + sigma, metadata (JSON); no pickle."""
-        check_is_fitted(self, "means_", msg=NOT_FITTED)
+        check_fitted(self, "means_", NOT_FITTED)
         path = Path(path)
         header = {
             "format_version": FORMAT_VERSION,

@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import chi2
 
 
 def sigma_to_fpr(sigma: float) -> float:
@@ -34,6 +33,8 @@ def chi2_thresholds(
     M^2 of a normal d-dimensional Gaussian sample is chi-square with d degrees of
     freedom, so t = sqrt(chi2.ppf(1 - fpr, d)) flags a fraction ``fpr`` of normal data.
     """
+    from scipy.stats import chi2  # only here: importing scipy.stats costs ~1 s of CPU
+
     alpha = _target_fpr(fpr, sigma)
     return np.sqrt(chi2.ppf(1.0 - alpha, np.asarray(dims, dtype=np.float64)))
 

@@ -2,8 +2,8 @@
 
 The final models are fitted on every normal training image. Calibration (the threshold and
 the fused score's standardiser) uses out-of-fold scores: each image is scored by the model
-without its fold (KFold(5, shuffle, seed), as the paper splits), whose statistics are the
-total minus that fold's, exactly. Torch-free.
+without its fold (scikit-learn's KFold(5, shuffle, seed), as the paper splits), whose
+statistics are the total minus that fold's, exactly. Torch-free.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import KFold
 
 from gaussian_ad.config import DetectorConfig
 from gaussian_ad.data.augment import AugmentConfig
@@ -37,19 +36,39 @@ def fold_ids(keys: Sequence[str], n_folds: int = N_FOLDS, seed: int = 0) -> np.n
     unique, inverse = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
     if len(unique) < 2:
         raise ValueError(f"need at least 2 distinct training images, got {len(unique)}")
-    splits = KFold(min(n_folds, len(unique)), shuffle=True, random_state=seed)
     folds = np.empty(len(unique), dtype=np.int64)
-    for k, (_, held) in enumerate(splits.split(unique)):
+    for k, held in enumerate(kfold_held_out(len(unique), min(n_folds, len(unique)), seed)):
         folds[held] = k
     return folds[inverse]
+
+
+def kfold_held_out(n: int, n_folds: int, seed: int) -> list[np.ndarray]:
+    """Each fold's held-out indices, as ``KFold(n_folds, shuffle=True, random_state=seed)``
+    splits ``range(n)``: a RandomState(seed) shuffle cut into consecutive folds (the first
+    ``n % n_folds`` one longer), each sorted (scikit-learn is not imported for it: see
+    :mod:`gaussian_ad.stats.estimator`).
+
+    Examples
+    --------
+    >>> from gaussian_ad.store.plan import kfold_held_out
+    >>> [fold.tolist() for fold in kfold_held_out(7, 3, seed=0)]
+    [[1, 2, 6], [0, 3], [4, 5]]
+    """
+    if not 2 <= n_folds <= n:
+        raise ValueError(f"need 2 <= n_folds <= n, got n_folds={n_folds} for n={n}")
+    order = np.arange(n)
+    np.random.RandomState(seed).shuffle(order)
+    sizes = np.full(n_folds, n // n_folds)
+    sizes[: n % n_folds] += 1
+    return [np.sort(fold) for fold in np.split(order, np.cumsum(sizes)[:-1])]
 
 
 def holdout_split(n: int, n_folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(fit, held-out) indices: fold 0 of KFold(n_folds, shuffle, seed), as the paper splits."""
     if n < n_folds:
         raise ValueError(f"need at least {n_folds} normal training images to hold out a fold")
-    fit_idx, held_idx = next(KFold(n_folds, shuffle=True, random_state=seed).split(np.arange(n)))
-    return fit_idx, held_idx
+    held_idx = kfold_held_out(n, n_folds, seed)[0]
+    return np.setdiff1d(np.arange(n), held_idx), held_idx
 
 
 def augmented_rows(

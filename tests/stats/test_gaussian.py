@@ -11,9 +11,9 @@ from scipy.stats import chi2
 from sklearn.base import clone
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
-from sklearn.exceptions import NotFittedError
 
 from gaussian_ad.stats.arrayfile import read_arrays, write_arrays
+from gaussian_ad.stats.estimator import NotFittedError
 from gaussian_ad.stats.gaussian import GaussianAD, select_components, zero_variance
 from gaussian_ad.stats.moments import Moments
 from gaussian_ad.stats.thresholds import empirical_threshold, sigma_to_fpr

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from sklearn.base import clone
 from sklearn.covariance import LedoitWolf
-from sklearn.exceptions import NotFittedError
 
 from gaussian_ad.stats.arrayfile import read_arrays, write_arrays
+from gaussian_ad.stats.estimator import NotFittedError
 from gaussian_ad.stats.moments import BatchMoments
 from gaussian_ad.stats.patch_gaussian import PatchGaussian, pool_positions, upsample_bilinear
 
