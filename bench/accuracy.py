@@ -45,6 +45,8 @@ CANDIDATES: dict[str, dict] = {
     "patch-free": {"score": "patch", "patch_pool_radius": None},
     "fused": {"score": "fused"},
     "fused-free": {"score": "fused", "patch_pool_radius": None},
+    "image-std": {"score": "image", "standardize_levels": True},
+    "fused-free-std": {"score": "fused", "patch_pool_radius": None, "standardize_levels": True},
 }
 
 

@@ -46,6 +46,14 @@ PatchPoolOpt = Annotated[
         "cells around it, all one position-free Gaussian (parts that move)"
     ),
 ]
+StandardizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--standardize-levels/--sum-levels",
+        help="image score: the sum of each level's distance as a z-score on the held-out "
+        "normals, or the paper's sum of the distances",
+    ),
+]
 SeedOpt = Annotated[int, typer.Option(help="hold-out split, patch channels and defect seed")]
 TargetFprOpt = Annotated[
     float, typer.Option(help="threshold at this FPR on the normals' out-of-fold scores")
@@ -66,6 +74,7 @@ def _configs(
     workers: int = 2,
     patch_pool: str = "0",
     input_size: int | None = None,
+    standardize_levels: bool = False,
 ):
     """The CLI's flags as validated configuration objects; a bad value exits with code 2."""
     from gaussian_ad.config import DetectorConfig, LoaderOptions, parse_reduction
@@ -79,6 +88,7 @@ def _configs(
             reduction=parse_reduction(reduction),
             variance_threshold=variance_threshold,
             score=score,
+            standardize_levels=standardize_levels,
             patch=patch,
             patch_pool_radius=_pool_radius(patch_pool),
             input_size=input_size,
@@ -199,6 +209,7 @@ def fit(
     score: ScoreOpt = "image",
     patch_pool: PatchPoolOpt = "0",
     input_size: InputSizeOpt = None,
+    standardize_levels: StandardizeOpt = False,
     target_fpr: TargetFprOpt = 0.01,
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
@@ -238,6 +249,7 @@ def fit(
         workers,
         patch_pool=patch_pool,
         input_size=input_size,
+        standardize_levels=standardize_levels,
     )
     if not 0.0 < target_fpr < 1.0:
         raise typer.BadParameter(f"target-fpr: must lie in (0, 1), got {target_fpr}")
@@ -321,6 +333,7 @@ def evaluate(
     score: ScoreOpt = "image",
     patch_pool: PatchPoolOpt = "0",
     input_size: InputSizeOpt = None,
+    standardize_levels: StandardizeOpt = False,
     target_fpr: TargetFprOpt = 0.01,
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
@@ -348,6 +361,7 @@ def evaluate(
         workers,
         patch_pool=patch_pool,
         input_size=input_size,
+        standardize_levels=standardize_levels,
     )
     categories = category or mvtec_categories(data_root)
     if not categories:
@@ -443,6 +457,7 @@ def train(
     score: ScoreOpt = "image",
     patch_pool: PatchPoolOpt = "0",
     input_size: InputSizeOpt = None,
+    standardize_levels: StandardizeOpt = False,
     select: Annotated[
         bool, typer.Option(help="choose levels, reduction and score on synthetic defects first")
     ] = False,
@@ -495,6 +510,7 @@ def train(
         workers,
         patch_pool=patch_pool,
         input_size=input_size,
+        standardize_levels=standardize_levels,
     )
     from gaussian_ad_flows.options import TrainOptions
 

@@ -45,6 +45,9 @@ class DetectorConfig:
     reduction : None, "pca" or "npca" (see :class:`~gaussian_ad.stats.gaussian.GaussianAD`).
     variance_threshold : the cumulative explained variance t that splits PCA from NPCA.
     score : the score that ranks and thresholds images: "image", "patch" or "fused".
+    standardize_levels : the image score sums each level's distance as a z-score on the
+        held-out normals (True) instead of the distances themselves (False: the paper's
+        sum); see :mod:`gaussian_ad.stats.fusion` for why.
     patch : also fit the patch-level model (anomaly maps); required by "patch"/"fused".
     patch_grid, patch_channels : the patch layout (None grid: the stride-8 grid).
     patch_pool_radius : which training patches each grid position's Gaussian pools: 0 its
@@ -73,6 +76,7 @@ class DetectorConfig:
     reduction: Reduction | None = None
     variance_threshold: float = 0.99
     score: ScoreKind = "image"
+    standardize_levels: bool = False
     patch: bool = False
     patch_grid: int | None = None
     patch_channels: int = DEFAULT_PATCH_CHANNELS

@@ -32,6 +32,7 @@ from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.stats.arrayfile import ModelFileError, model_file_errors
 from gaussian_ad.stats.calibration import Calibration
 from gaussian_ad.stats.estimator import NotFittedError
+from gaussian_ad.stats.fusion import LevelStandardizer
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.moments import BatchMoments
 from gaussian_ad.stats.patch_gaussian import PatchGaussian
@@ -309,8 +310,14 @@ class Detector:
     def calibrate_scores(self, heldout: Scores, target_fpr: float = 0.01) -> Self:
         """Set ``calibration_`` (threshold of the chosen score, fused score's standardiser)
         from held-out normal images' scores."""
+        levels = None
+        if self.config.standardize_levels:
+            levels = LevelStandardizer.fit(heldout.level_scores)
+        image = (
+            heldout.image_scores if levels is None else levels.image_scores(heldout.level_scores)
+        )
         self.calibration_ = Calibration.fit(
-            self.config.score, heldout.image_scores, heldout.patch_scores, target_fpr
+            self.config.score, image, heldout.patch_scores, target_fpr, levels
         )
         logger.info(
             "calibrated the %s score: threshold %.4g at FPR %g on %d held-out normals",
@@ -405,11 +412,13 @@ class Detector:
         score (the fraction of the calibration normals below; see ``Scores.normalized``)."""
         kind, calibration = self.config.score, getattr(self, "calibration_", None)
         if calibration is not None:
+            if calibration.levels is not None:
+                scores.image = calibration.image_scores(scores.level_scores)
             scores.scores = calibration.scores(scores.image_scores, scores.patch_scores)
             scores.is_anomaly = scores.scores > calibration.threshold
             if calibration.has_normalized:
                 scores.normalized = calibration.normalized(scores.scores)
-        elif kind == "image":
+        elif kind == "image" and not self.config.standardize_levels:
             scores.scores = scores.image_scores
         elif kind == "patch" and scores.patch_scores is not None:
             scores.scores = np.asarray(scores.patch_scores, np.float64)

@@ -19,7 +19,8 @@ class Scores:
     ``normalized`` is the chosen score as the fraction of the calibration's held-out
     normal images that scored lower, in [0, 1] (0.99: above 99% of the good training
     images); None without a calibration, or with one saved before it kept its normals'
-    scores.
+    scores. ``image`` is the calibrated image score when the calibration standardises the
+    levels (see :attr:`image_scores`).
     """
 
     index: np.ndarray
@@ -30,11 +31,13 @@ class Scores:
     is_anomaly: np.ndarray | None = None
     errors: list[ImageError] = field(default_factory=list)
     normalized: np.ndarray | None = None
+    image: np.ndarray | None = None
 
     @property
     def image_scores(self) -> np.ndarray:
-        """The paper's image score: the sum of the per-level distances."""
-        return self.level_scores.sum(axis=1)
+        """The image score: ``image`` when set (a calibration with standardised levels sets
+        it), else the paper's sum of the per-level distances."""
+        return self.level_scores.sum(axis=1) if self.image is None else self.image
 
     def __len__(self) -> int:
         return len(self.index)
@@ -54,6 +57,7 @@ class Scores:
             pick(self.is_anomaly),
             self.errors,
             pick(self.normalized),
+            pick(self.image),
         )
 
 
@@ -75,4 +79,5 @@ def concat_scores(parts: Sequence[Scores], errors: list[ImageError]) -> Scores:
         is_anomaly=joined("is_anomaly"),
         errors=errors,
         normalized=joined("normalized"),
+        image=joined("image"),
     )

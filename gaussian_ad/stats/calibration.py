@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gaussian_ad.stats.fusion import Standardizer, fuse
+from gaussian_ad.stats.fusion import LevelStandardizer, Standardizer, fuse
 from gaussian_ad.stats.thresholds import empirical_threshold
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ class Calibration:
     normal images' chosen scores. ``normal_scores`` holds those scores, sorted (or, for
     more than ``MAX_NORMAL_SCORES`` normals, that many evenly spaced quantiles of them); it
     is None for calibrations saved before it existed, which then have no normalised score.
+    ``levels``, when set, makes the image score the sum of the per-level distances'
+    z-scores on the held-out normals (see :mod:`gaussian_ad.stats.fusion`); None keeps the
+    paper's sum of the distances.
     """
 
     kind: str
@@ -66,6 +69,7 @@ class Calibration:
     n_normals: int
     standardizer: Standardizer | None = None
     normal_scores: tuple[float, ...] | None = None
+    levels: LevelStandardizer | None = None
 
     @classmethod
     def fit(
@@ -74,8 +78,10 @@ class Calibration:
         image_scores: np.ndarray,
         patch_scores: np.ndarray | None,
         target_fpr: float,
+        levels: LevelStandardizer | None = None,
     ) -> Calibration:
-        """Calibrate on held-out normal images' image (and patch) scores."""
+        """Calibrate on held-out normal images' image (and patch) scores; with ``levels``,
+        ``image_scores`` are its standardised sums of those images' level distances."""
         image_scores = np.asarray(image_scores, dtype=np.float64)
         standardizer = (
             None if patch_scores is None else Standardizer.fit(image_scores, patch_scores)
@@ -89,6 +95,7 @@ class Calibration:
             int(chosen.size),
             standardizer,
             _kept_scores(chosen),
+            levels,
         )
         if target_fpr < calibration.smallest_fpr:
             logger.warning(
@@ -104,6 +111,13 @@ class Calibration:
     def smallest_fpr(self) -> float:
         """The smallest false-positive rate the calibration normals can tell apart: 1/n."""
         return 1.0 / self.n_normals
+
+    def image_scores(self, level_scores: np.ndarray) -> np.ndarray:
+        """(n,) image scores from (n, L) level distances: standardised with ``levels``, else
+        the paper's sum."""
+        if self.levels is None:
+            return np.asarray(level_scores, dtype=np.float64).sum(axis=1)
+        return self.levels.image_scores(level_scores)
 
     def scores(self, image_scores: np.ndarray, patch_scores: np.ndarray | None) -> np.ndarray:
         """The chosen score of new images."""
@@ -143,12 +157,15 @@ class Calibration:
             "n_normals": self.n_normals,
             "standardizer": None if self.standardizer is None else self.standardizer.to_dict(),
             "normal_scores": None if self.normal_scores is None else list(self.normal_scores),
+            "levels": None if self.levels is None else self.levels.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        """The calibration of :meth:`to_dict` (older dicts have no ``normal_scores``)."""
+        """The calibration of :meth:`to_dict` (older dicts have no ``normal_scores`` or
+        ``levels``)."""
         standardizer, normal_scores = data.get("standardizer"), data.get("normal_scores")
+        levels = data.get("levels")
         return cls(
             kind=str(data["kind"]),
             threshold=float(data["threshold"]),
@@ -156,6 +173,7 @@ class Calibration:
             n_normals=int(data["n_normals"]),
             standardizer=None if standardizer is None else Standardizer.from_dict(standardizer),
             normal_scores=None if normal_scores is None else tuple(float(v) for v in normal_scores),
+            levels=None if levels is None else LevelStandardizer.from_dict(levels),
         )
 
 

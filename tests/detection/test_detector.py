@@ -341,3 +341,36 @@ def test_position_free_patch_model_at_a_larger_input_size(small_dataset, tmp_pat
         Detector(config.replace(patch_pool_radius=0)).set_models(
             detector.model_, detector.patch_model_, detector.patch_layout_
         )
+
+
+def test_standardised_levels_use_the_out_of_fold_normals_scale(small_dataset, tmp_path):
+    """standardize_levels: the image score sums each level's z-score on the out-of-fold
+    normal scores; it ranks, thresholds, fuses and survives save/load; without it the
+    image score is the paper's sum."""
+    train, test = split_records(mvtec_manifest(small_dataset, "disc"))
+    config = DetectorConfig("lite0", "7-9", patch=True, score="fused", standardize_levels=True)
+    detector = Detector(config).fit([r.path for r in train], target_fpr=0.1)
+    oof = detector.oof_scores_.level_scores
+    mean, std = oof.mean(axis=0), oof.std(axis=0, ddof=1)
+    result = detector.score([r.path for r in test])
+    expected = ((result.level_scores - mean) / std).sum(axis=1)
+    np.testing.assert_allclose(result.image_scores, expected, rtol=1e-12)
+    standardizer = detector.calibration_.standardizer
+    np.testing.assert_allclose(result.scores, fuse(expected, result.patch_scores, standardizer))
+    held = ((oof - mean) / std).sum(axis=1)
+    assert standardizer.image_mean == pytest.approx(held.mean(), abs=1e-9)
+    image_only = Detector(config.replace(score="image")).set_models(
+        detector.model_, detector.patch_model_, detector.patch_layout_
+    )
+    image_only.calibrate_scores(detector.oof_scores_, target_fpr=0.1)
+    assert image_only.threshold == pytest.approx(np.quantile(held, 0.9))
+    np.testing.assert_allclose(image_only.score([r.path for r in test]).scores, expected)
+    loaded = Detector.load(detector.save(tmp_path / "std.safetensors"))
+    assert loaded.config.standardize_levels
+    np.testing.assert_allclose(loaded.score([r.path for r in test]).scores, result.scores)
+    paper = Detector(config.replace(score="image", standardize_levels=False)).set_models(
+        detector.model_, detector.patch_model_, detector.patch_layout_
+    )
+    paper.calibrate_scores(detector.oof_scores_, target_fpr=0.1)
+    plain = paper.score([r.path for r in test])
+    np.testing.assert_allclose(plain.scores, plain.level_scores.sum(axis=1))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gaussian_ad.stats.calibration import MAX_NORMAL_SCORES, Calibration, combine
-from gaussian_ad.stats.fusion import Standardizer, fuse
+from gaussian_ad.stats.fusion import LevelStandardizer, Standardizer, fuse
 
 
 @pytest.fixture
@@ -104,3 +104,34 @@ def test_an_older_dict_without_normal_scores_loads_without_normalized(held):
     assert calibration.threshold == old["threshold"]
     with pytest.raises(ValueError, match="no normal scores"):
         calibration.normalized(np.array([1.0]))
+
+
+def test_standardised_levels_sum_each_levels_z_score():
+    rng = np.random.default_rng(3)
+    # Level 2 spreads 6x wider than level 1 on the normals (as a d > n level does), so the
+    # plain sum is mostly level 2; the standardised sum weights both alike.
+    held = np.column_stack([rng.normal(4, 1, 60), rng.normal(35, 6, 60)])
+    levels = LevelStandardizer.fit(held)
+    np.testing.assert_allclose(levels.means, held.mean(axis=0))
+    np.testing.assert_allclose(levels.stds, held.std(axis=0, ddof=1))
+    new = np.array([[8.0, 35.0], [4.0, 47.0]])  # 4 sigma on level 1; 2 sigma on level 2
+    expected = ((new - held.mean(0)) / held.std(0, ddof=1)).sum(axis=1)
+    np.testing.assert_allclose(levels.image_scores(new), expected)
+    assert levels.image_scores(new)[0] > levels.image_scores(new)[1]  # the plain sum disagrees
+    assert new[0].sum() < new[1].sum()
+    calibration = Calibration.fit("image", levels.image_scores(held), None, 0.1, levels)
+    np.testing.assert_allclose(calibration.image_scores(new), expected)
+    np.testing.assert_allclose(
+        Calibration.fit("image", held.sum(1), None, 0.1).image_scores(new), new.sum(1)
+    )
+    assert Calibration.from_dict(json.loads(json.dumps(calibration.to_dict()))) == calibration
+
+
+def test_standardised_levels_refuse_flat_or_mismatched_scores():
+    with pytest.raises(ValueError, match="level column 1 have no spread"):
+        LevelStandardizer.fit(np.column_stack([np.arange(5.0), np.ones(5)]))
+    with pytest.raises(ValueError, match="n >= 2"):
+        LevelStandardizer.fit(np.ones((1, 3)))
+    levels = LevelStandardizer.fit(np.random.default_rng(0).normal(size=(10, 3)))
+    with pytest.raises(ValueError, match=r"expected \(n, 3\)"):
+        levels.image_scores(np.ones((2, 4)))
