@@ -458,7 +458,8 @@ class Detector:
         model = GaussianAD.load(path)
         metadata = model.metadata_
         with model_file_errors(path, "detector"):
-            config = DetectorConfig.from_dict(metadata["detector_config"])
+            saved = {"standardize_levels": False, **metadata["detector_config"]}  # older: sum
+            config = DetectorConfig.from_dict(saved)
             loader = loader or LoaderOptions()
             if loader.weights is None and metadata.get("weights"):
                 loader = dataclasses.replace(loader, weights=metadata["weights"])
