@@ -90,6 +90,15 @@ def evaluate_candidate(name, config, passed, keys, layout, fingerprint, test, re
     }
 
 
+def ranking(config: dict) -> dict:
+    """The settings of a configuration that decide its image ranking (the patch model's
+    pooling only where the score uses the patch model)."""
+    keys = ["backbone", "levels", "reduction", "score", "standardize_levels", "input_size"]
+    if config["score"] != "image":
+        keys += ["patch_pool_radius", "patch_channels", "patch_grid"]
+    return {key: config[key] for key in keys}
+
+
 def run_category(args: argparse.Namespace) -> dict:
     """Every candidate on one category, in this (child) process."""
     from gaussian_ad.config import DetectorConfig, LoaderOptions
@@ -116,10 +125,10 @@ def run_category(args: argparse.Namespace) -> dict:
     names = args.candidates.split(",")
     configs = {name: base.replace(**CANDIDATES[name]) for name in names}
     rows = [evaluate_candidate(name, c, *shared) for name, c in configs.items()]
-    default = DetectorConfig()  # what `gaussian-ad train DATA` fits
     picks = {}
-    for row in rows:
-        if (row["config"]["score"], row["config"]["reduction"]) == (default.score, None):
+    default = ranking(DetectorConfig(input_size=args.input_size).to_dict())
+    for row in rows:  # what `gaussian-ad train DATA` fits
+        if ranking(row["config"]) == default:
             picks["default"] = row["candidate"]
     if args.select:
         start = time.perf_counter()

@@ -37,7 +37,10 @@ PatchOpt = Annotated[
 ScoreOpt = Annotated[str, typer.Option(help="score that ranks images: image, patch or fused")]
 InputSizeOpt = Annotated[
     int | None,
-    typer.Option(help="square input side (multiple of 32); default: the backbone's native"),
+    typer.Option(
+        help="square input side (multiple of 32); default: the backbone's default "
+        "(lite0: 352; the others: their native side)"
+    ),
 ]
 PatchPoolOpt = Annotated[
     str,
@@ -74,7 +77,7 @@ def _configs(
     workers: int = 2,
     patch_pool: str = "0",
     input_size: int | None = None,
-    standardize_levels: bool = False,
+    standardize_levels: bool = True,
 ):
     """The CLI's flags as validated configuration objects; a bad value exits with code 2."""
     from gaussian_ad.config import DetectorConfig, LoaderOptions, parse_reduction
@@ -209,7 +212,7 @@ def fit(
     score: ScoreOpt = "image",
     patch_pool: PatchPoolOpt = "0",
     input_size: InputSizeOpt = None,
-    standardize_levels: StandardizeOpt = False,
+    standardize_levels: StandardizeOpt = True,
     target_fpr: TargetFprOpt = 0.01,
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
@@ -235,6 +238,7 @@ def fit(
         feature_store = FeatureStore.open(store)
         backbone = feature_store.config.get("backbone", backbone)
         levels = ",".join(map(str, feature_store.levels))
+        input_size = feature_store.config.get("image_size", input_size)
     config, loader = _configs(
         backbone,
         levels,
@@ -333,7 +337,7 @@ def evaluate(
     score: ScoreOpt = "image",
     patch_pool: PatchPoolOpt = "0",
     input_size: InputSizeOpt = None,
-    standardize_levels: StandardizeOpt = False,
+    standardize_levels: StandardizeOpt = True,
     target_fpr: TargetFprOpt = 0.01,
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
@@ -457,7 +461,7 @@ def train(
     score: ScoreOpt = "image",
     patch_pool: PatchPoolOpt = "0",
     input_size: InputSizeOpt = None,
-    standardize_levels: StandardizeOpt = False,
+    standardize_levels: StandardizeOpt = True,
     select: Annotated[
         bool, typer.Option(help="choose levels, reduction and score on synthetic defects first")
     ] = False,

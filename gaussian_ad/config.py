@@ -53,9 +53,11 @@ class DetectorConfig:
     patch_pool_radius : which training patches each grid position's Gaussian pools: 0 its
         own position (PaDiM, aligned products), r the positions within r cells, None all
         positions (one position-free Gaussian, for products that are not aligned).
-    input_size : the square side images are resized to; None = the backbone's native one.
-        Larger sides show small defects to the backbone (and give a finer patch grid) at
-        about (input_size / native) ** 2 the compute; a multiple of 32.
+    input_size : the square side images are resized to, a multiple of 32. None = the
+        backbone's default side: 352 for lite0 (measured above its native 224 on real
+        products), the native side for the others. Larger sides show small defects to the
+        backbone (and give a finer patch grid) at about (input_size / native) ** 2 the
+        compute.
     seed : seed of the patch channels, the hold-out split and augmentation.
     pretrained : False only to ask explicitly for random backbone weights.
 
@@ -76,7 +78,7 @@ class DetectorConfig:
     reduction: Reduction | None = None
     variance_threshold: float = 0.99
     score: ScoreKind = "image"
-    standardize_levels: bool = False
+    standardize_levels: bool = True
     patch: bool = False
     patch_grid: int | None = None
     patch_channels: int = DEFAULT_PATCH_CHANNELS
@@ -95,6 +97,8 @@ class DetectorConfig:
         except ValueError as error:
             raise ValueError(f"levels: {error}") from None
         object.__setattr__(self, "levels", levels)
+        if self.input_size is None:  # resolved, so a saved configuration names its side
+            object.__setattr__(self, "input_size", BACKBONES[self.backbone].default_input_size)
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction: must be None, 'pca' or 'npca', got {self.reduction!r}")
         if not 0.0 < self.variance_threshold < 1.0:

@@ -8,6 +8,7 @@ ResNet levels: 1 = stem (conv + BN + act + max-pool), 2..5 = layer1..layer4.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,11 +17,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
+LITE0_INPUT_SIZE = 352
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A supported backbone: timm architecture, native resolution and input statistics."""
+    """A supported backbone: timm architecture, native resolution and input statistics.
+
+    ``default_input_size`` is the square side a detector uses unless told otherwise, where
+    it was measured to beat the native side on real products (None: the native side).
+    """
 
     name: str
     timm_name: str
@@ -28,6 +34,7 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     n_levels: int
+    default_input_size: int | None = None
 
     @property
     def is_efficientnet(self) -> bool:
@@ -48,6 +55,9 @@ def _efficientnet_specs() -> dict[str, BackboneSpec]:
         specs[f"lite{i}"] = BackboneSpec(
             f"lite{i}", f"tf_efficientnet_lite{i}.in1k", size, LITE_MEAN, LITE_STD, 9
         )
+    # Lite0 at 352 px instead of 224: image AUROC +0.045 / +0.020 on the two real dev
+    # categories, at about 1.7-2.5x the backbone time (README, "Input resolution").
+    specs["lite0"] = dataclasses.replace(specs["lite0"], default_input_size=LITE0_INPUT_SIZE)
     return specs
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 
 from gaussian_ad.backbones.models import Backbone, cached_backbone
+from gaussian_ad.backbones.specs import BACKBONES
 from gaussian_ad.config import DetectorConfig, LoaderOptions
 from gaussian_ad.data.images import ImageError, ImageSource
 from gaussian_ad.detection.scores import Scores, concat_scores
@@ -188,6 +189,12 @@ class Detector:
             raise ValueError(
                 f"{store.url}: holds levels {list(store.levels)}, the detector uses "
                 f"{list(self.config.image_levels)}"
+            )
+        side = store.config.get("image_size")  # None in stores written before it was kept
+        if side is not None and side != self.config.image_size:
+            raise ValueError(
+                f"{store.url}: extracted at {side} px, the detector uses "
+                f"{self.config.image_size} px (set input_size={side})"
             )
         layout = None if store.patch_layout is None else PatchLayout.from_dict(store.patch_layout)
         reduction = self.config.reduction
@@ -458,8 +465,7 @@ class Detector:
         model = GaussianAD.load(path)
         metadata = model.metadata_
         with model_file_errors(path, "detector"):
-            saved = {"standardize_levels": False, **metadata["detector_config"]}  # older: sum
-            config = DetectorConfig.from_dict(saved)
+            config = DetectorConfig.from_dict(saved_config(metadata["detector_config"]))
             loader = loader or LoaderOptions()
             if loader.weights is None and metadata.get("weights"):
                 loader = dataclasses.replace(loader, weights=metadata["weights"])
@@ -478,6 +484,16 @@ class Detector:
             if metadata.get("calibration") is not None:
                 detector.calibration_ = Calibration.from_dict(metadata["calibration"])
         return detector
+
+
+def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration as it was meant when saved: files older than an option carry
+    its old behaviour (the paper's sum of levels; None input size = the native side)."""
+    saved = {"standardize_levels": False, **saved}
+    spec = BACKBONES.get(saved.get("backbone", "lite0"))
+    if saved.get("input_size") is None and spec is not None and spec.default_input_size:
+        saved["input_size"] = spec.image_size
+    return saved
 
 
 def patch_path(path: str | Path) -> Path:

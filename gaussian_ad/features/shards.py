@@ -61,7 +61,11 @@ def create_store(
         shard_size=shard_size,
         augment_passes=passes,
         dtype=dtype,
-        config={"backbone": backbone.spec.name, **(config or {})},
+        config={
+            "backbone": backbone.spec.name,
+            "image_size": backbone.spec.image_size,
+            **(config or {}),
+        },
         patch_layout=None if patch_layout is None else patch_layout.to_dict(),
     )
 

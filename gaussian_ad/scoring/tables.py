@@ -24,7 +24,10 @@ def score_table(paths: Sequence[str], scores: Scores, levels: Sequence[int]) -> 
     normals' scores.
     """
     if scores.scores is None:
-        raise ValueError("no chosen score: the fused score needs a calibrated detector")
+        raise ValueError(
+            "no chosen score: the fused score and standardised levels need a calibrated "
+            "detector (refit it, or fit with --sum-levels for the paper's uncalibrated sum)"
+        )
     table = pd.DataFrame({"path": list(paths), "score": scores.scores})
     for column, level in enumerate(levels):
         table[f"score_l{level}"] = scores.level_scores[:, column]

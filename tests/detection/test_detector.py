@@ -21,7 +21,6 @@ from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.metrics import auroc, pixel_auroc, pro_auc
 from gaussian_ad.stats.moments import BatchMoments, Moments
 from gaussian_ad.stats.patch_gaussian import PatchGaussian
-from gaussian_ad.store.plan import holdout_split
 
 
 def rel_err(a, b) -> float:
@@ -163,7 +162,9 @@ def test_patch_fit_streams_merges_and_skips_broken_images():
     assert rel_err(updated.precisions_, whole.precisions_) < 1e-9
 
     # The detector fits the same patch model (and layout) in its one pass, and scores with it.
-    config = DetectorConfig(levels="3-5", patch=True, patch_grid=7, patch_channels=20)
+    config = DetectorConfig(
+        levels="3-5", patch=True, patch_grid=7, patch_channels=20, input_size=224
+    )  # the native side, as the backbone above
     detector = Detector(config, LoaderOptions(device="cpu", batch_size=3)).fit(images)
     assert detector.patch_layout_ == layout
     assert rel_err(detector.patch_model_.precisions_, whole.precisions_) < 1e-9
@@ -184,10 +185,8 @@ def synthetic_results(small_dataset):
     results = {}
     for category in CATEGORIES:
         train, test = split_records(mvtec_manifest(small_dataset, category))
-        fit_idx, held_idx = holdout_split(len(train))
         detector = Detector(config, LoaderOptions(device="cpu"))
-        detector.fit([train[i].path for i in fit_idx])
-        detector.calibrate([train[i].path for i in held_idx])
+        detector.fit([r.path for r in train])  # calibrated on every image's out-of-fold scores
         scored = detector.score([r.path for r in test], maps=True)
         assert len(scored.index) == len(test) and not scored.errors
 
@@ -212,7 +211,7 @@ def synthetic_results(small_dataset):
 
 def test_pixel_auroc_on_synthetic_data(synthetic_results):
     for category, result in synthetic_results.items():
-        assert result["grid"] == 28
+        assert result["grid"] == DetectorConfig().image_size // 8  # stride-8 grid
         assert result["pixel"] >= 0.9, (category, result)
 
 
@@ -240,7 +239,7 @@ def test_detector_with_patch_model_round_trips_scores_maps_and_threshold(small_d
     assert detector.calibration_.n_normals == len(paths) - 15
     assert detector.backbone_levels == (3, 4, 5, 7, 8, 9)
     result = detector.score([r.path for r in test], maps=True)
-    assert result.maps.shape == (len(test), 224, 224)
+    assert result.maps.shape == (len(test), config.image_size, config.image_size)
     assert result.level_scores.shape == (len(test), 3)
     standardizer = detector.calibration_.standardizer
     np.testing.assert_allclose(

@@ -97,7 +97,9 @@ def test_registry_model_reproduces_scores_and_maps(trained, small_dataset, mlflo
     assert pixel_auroc(masks, result.maps) == pytest.approx(metrics["pixel_auroc"], abs=1e-4)
     store = FeatureStore.open(trained["store"])
     rows = np.flatnonzero(store.manifest["split"].to_numpy() == "test")
-    _, stored_maps = detector.patch_model_.anomaly_maps(store.read_patches(rows), 224)
+    _, stored_maps = detector.patch_model_.anomaly_maps(
+        store.read_patches(rows), result.maps.shape[-1]
+    )
     np.testing.assert_allclose(result.maps, stored_maps, rtol=1e-3, atol=1e-3)
     # The pyfunc wrapper gives the same scores.
     pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}/{trained['version']}")

@@ -29,7 +29,7 @@ def rel_err(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def backbone():
-    return load_backbone("lite0", LEVELS)
+    return load_backbone("lite0", LEVELS, image_size=DetectorConfig().image_size)
 
 
 @pytest.fixture(scope="module")
