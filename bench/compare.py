@@ -5,8 +5,9 @@ into a temp folder as PNG 900x900 and as JPEG 1500x1000, then runs, each in its 
 process and alternating between the two, the same work on the same images with the same
 torch threads:
 
-- **project**: ``Detector(DetectorConfig(backbone, levels 1-9)).fit(train)`` (one backbone
-  pass, Ledoit-Wolf per level, out-of-fold calibration) then ``.score(test)``;
+- **project**: ``Detector(DetectorConfig(backbone, levels 1-9, the native input side, the
+  paper's sum of levels)).fit(train)`` (one backbone pass, Ledoit-Wolf per level,
+  out-of-fold calibration) then ``.score(test)``;
 - **naive**: PIL decode + convert + bilinear resize in the main thread, float [0, 1] and the
   weights' normalisation in numpy, batches through the plain timm model with forward hooks
   on the 9 levels (mean-pooled), scikit-learn ``LedoitWolf`` per level, summed Mahalanobis.
@@ -84,7 +85,15 @@ def run_project(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     loader = LoaderOptions(device="cpu", batch_size=args.batch_size, workers=args.workers)
-    detector = Detector(DetectorConfig(backbone=args.backbone, levels="1-9"), loader)
+    from gaussian_ad.backbones.specs import BACKBONES
+
+    config = DetectorConfig(  # the paper's method, as the naive loop computes it
+        backbone=args.backbone,
+        levels="1-9",
+        input_size=BACKBONES[args.backbone].image_size,
+        standardize_levels=False,
+    )
+    detector = Detector(config, loader)
     detector.backbone_module()  # the weights, outside the timed work as for the naive loop
     setup_cpu, setup_wall = time.process_time(), time.perf_counter()
     train, test, labels = _split(Path(args.root))

@@ -437,7 +437,7 @@ def level_report(evaluation: Evaluation, levels: list[int]) -> dict[str, Any]:
     ``auroc``: test AUROC per level. ``chi2``: per rule (``sigma1``-``sigma5``,
     ``fpr0.01``, ...) its predicted FPR and, per level, the chi-square threshold, the FPR
     observed on the held-out (out-of-fold) normals and the TPR on the test anomalies.
-    ``empirical``: the summed score's empirical thresholds with their test-normal FPR and
+    ``empirical``: the image score's empirical thresholds with their test-normal FPR and
     TPR. Lists align with ``levels``.
     """
     thresholds, rates = evaluation.thresholds.thresholds, evaluation.thresholds.metrics
