@@ -134,6 +134,24 @@ class DetectorConfig:
         """The levels as a tuple (``levels`` after validation)."""
         return self.levels  # type: ignore[return-value]
 
+    def describe(self) -> str:
+        """One line for titles: backbone and side, levels, score and how levels add up.
+
+        >>> DetectorConfig().describe()
+        'lite0 at 352 px, levels 1-9, image score of standardised levels'
+        """
+        levels = self.image_levels
+        span = (
+            f"{levels[0]}-{levels[-1]}"
+            if levels == tuple(range(levels[0], levels[-1] + 1)) and len(levels) > 1
+            else ",".join(map(str, levels))
+        )
+        adding = "standardised" if self.standardize_levels else "summed"
+        return (
+            f"{self.backbone} at {self.image_size} px, levels {span}, "
+            f"{self.score} score of {adding} levels"
+        )
+
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)

@@ -396,7 +396,7 @@ def log_report(
     config = detector.config
     test = store.manifest.iloc[evaluation.test.index]
     report = report_data(
-        f"{category}: {config.backbone}, levels {list(config.image_levels)}, {config.score} score",
+        f"{category}: {config.describe()}",
         evaluation,
         test["path"].tolist(),
         test["defect"].tolist(),
@@ -485,6 +485,8 @@ def version_tags(
         "threshold": f"{evaluation.threshold:.6f}",
         "backbone": config.backbone,
         "levels": ",".join(map(str, config.image_levels)),
+        "input_size": config.image_size,
+        "standardize_levels": str(config.standardize_levels),
         "n_train": params["n_train"],
         "data_fingerprint": params.get("data_fingerprint", "")[:16],  # the run has all of it
         "promoted": str(promoted),

@@ -82,6 +82,7 @@ def test_training_registers_a_tagged_champion(trained, mlflow_uri):
     assert float(tags["auroc"]) >= 0.9
     assert tags["backbone"] == "lite0"
     assert tags["levels"] == "1,2,3,4,5,6,7,8,9"
+    assert (tags["input_size"], tags["standardize_levels"]) == ("352", "True")  # the defaults
     assert int(tags["n_train"]) == 25  # every train/good image (calibrated out of fold)
     assert len(tags["data_fingerprint"]) == 16
     assert tags["promoted"] == "True"
