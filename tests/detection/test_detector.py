@@ -373,3 +373,16 @@ def test_standardised_levels_use_the_out_of_fold_normals_scale(small_dataset, tm
     paper.calibrate_scores(detector.oof_scores_, target_fpr=0.1)
     plain = paper.score([r.path for r in test])
     np.testing.assert_allclose(plain.scores, plain.level_scores.sum(axis=1))
+
+
+def test_configurations_saved_before_an_option_keep_their_old_behaviour():
+    from gaussian_ad.detection.detector import saved_config
+
+    old = {"backbone": "lite0", "levels": [1, 2, 3], "input_size": None}  # before both options
+    config = DetectorConfig.from_dict(saved_config(old))
+    assert (config.input_size, config.standardize_levels) == (224, False)
+    new = DetectorConfig(levels="1-3").to_dict()
+    assert DetectorConfig.from_dict(saved_config(new)) == DetectorConfig(levels="1-3")
+    assert (new["input_size"], new["standardize_levels"]) == (352, True)
+    b4 = DetectorConfig.from_dict(saved_config({"backbone": "b4", "input_size": None}))
+    assert b4.input_size is None and b4.image_size == 380  # no default side: native, as before

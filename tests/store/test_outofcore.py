@@ -143,3 +143,15 @@ def test_extraction_with_a_patch_layout_matches_in_memory_patch_fit(tmp_path, tr
     assert rel_err(model.means_, reference.means_) < 1e-5
     assert rel_err(model.precisions_, reference.precisions_) < 1e-4
     np.testing.assert_allclose(store.read_level(9), in_memory.pooled[3], rtol=1e-5, atol=1e-5)
+
+
+def test_a_store_of_another_input_side_is_refused(tmp_path, train_records):
+    native = load_backbone("lite0", LEVELS)  # 224 px, the default detector uses 352
+    store = create_store(str(tmp_path / "native.zarr"), train_records[:6], native, shard_size=6)
+    extract_shard(store, 0, native)
+    with pytest.raises(ValueError, match="extracted at 224 px, the detector uses 352 px"):
+        Detector(DetectorConfig("lite0", LEVELS)).fit_store(FeatureStore.open(store.url))
+    fitted = Detector(DetectorConfig("lite0", LEVELS, input_size=224)).fit_store(
+        FeatureStore.open(store.url)
+    )
+    assert fitted.model_.n_samples_ == 6
