@@ -33,7 +33,7 @@ from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.stats.arrayfile import ModelFileError, model_file_errors
 from gaussian_ad.stats.calibration import Calibration
 from gaussian_ad.stats.estimator import NotFittedError
-from gaussian_ad.stats.fusion import LevelStandardizer
+from gaussian_ad.stats.fusion import LevelStandardizer, level_image_scores
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.moments import BatchMoments
 from gaussian_ad.stats.patch_gaussian import PatchGaussian
@@ -320,11 +320,12 @@ class Detector:
         levels = None
         if self.config.standardize_levels:
             levels = LevelStandardizer.fit(heldout.level_scores)
-        image = (
-            heldout.image_scores if levels is None else levels.image_scores(heldout.level_scores)
-        )
         self.calibration_ = Calibration.fit(
-            self.config.score, image, heldout.patch_scores, target_fpr, levels
+            self.config.score,
+            level_image_scores(heldout.level_scores, levels),  # not an earlier decision's
+            heldout.patch_scores,
+            target_fpr,
+            levels,
         )
         logger.info(
             "calibrated the %s score: threshold %.4g at FPR %g on %d held-out normals",
@@ -418,9 +419,11 @@ class Detector:
         """Fill in the chosen score and, with a threshold, the decisions and the normalised
         score (the fraction of the calibration normals below; see ``Scores.normalized``)."""
         kind, calibration = self.config.score, getattr(self, "calibration_", None)
+        # This detector's image score, never one left by another detector's decision
+        scores.image = (
+            None if calibration is None else calibration.image_scores(scores.level_scores)
+        )
         if calibration is not None:
-            if calibration.levels is not None:
-                scores.image = calibration.image_scores(scores.level_scores)
             scores.scores = calibration.scores(scores.image_scores, scores.patch_scores)
             scores.is_anomaly = scores.scores > calibration.threshold
             if calibration.has_normalized:
@@ -490,7 +493,7 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved configuration as it was meant when saved: files older than an option carry
     its old behaviour (the paper's sum of levels; None input size = the native side)."""
     saved = {"standardize_levels": False, **saved}
-    spec = BACKBONES.get(saved.get("backbone", "lite0"))
+    spec = BACKBONES.get(saved.get("backbone", DetectorConfig.backbone))
     if saved.get("input_size") is None and spec is not None and spec.default_input_size:
         saved["input_size"] = spec.image_size
     return saved

@@ -19,8 +19,8 @@ class Scores:
     ``normalized`` is the chosen score as the fraction of the calibration's held-out
     normal images that scored lower, in [0, 1] (0.99: above 99% of the good training
     images); None without a calibration, or with one saved before it kept its normals'
-    scores. ``image`` is the calibrated image score when the calibration standardises the
-    levels (see :attr:`image_scores`).
+    scores. ``image`` is the image score of the calibration that decided them (see
+    :attr:`image_scores`).
     """
 
     index: np.ndarray
@@ -35,8 +35,8 @@ class Scores:
 
     @property
     def image_scores(self) -> np.ndarray:
-        """The image score: ``image`` when set (a calibration with standardised levels sets
-        it), else the paper's sum of the per-level distances."""
+        """The image score: ``image`` when set (a calibrated detector's decision sets it:
+        standardised or summed levels), else the paper's sum of the per-level distances."""
         return self.level_scores.sum(axis=1) if self.image is None else self.image
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gaussian_ad.stats.fusion import LevelStandardizer, Standardizer, fuse
+from gaussian_ad.stats.fusion import LevelStandardizer, Standardizer, fuse, level_image_scores
 from gaussian_ad.stats.thresholds import empirical_threshold
 
 logger = logging.getLogger(__name__)
@@ -115,9 +115,7 @@ class Calibration:
     def image_scores(self, level_scores: np.ndarray) -> np.ndarray:
         """(n,) image scores from (n, L) level distances: standardised with ``levels``, else
         the paper's sum."""
-        if self.levels is None:
-            return np.asarray(level_scores, dtype=np.float64).sum(axis=1)
-        return self.levels.image_scores(level_scores)
+        return level_image_scores(level_scores, self.levels)
 
     def scores(self, image_scores: np.ndarray, patch_scores: np.ndarray | None) -> np.ndarray:
         """The chosen score of new images."""

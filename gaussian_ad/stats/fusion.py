@@ -92,6 +92,14 @@ class LevelStandardizer:
         return cls(tuple(map(float, data["means"])), tuple(map(float, data["stds"])))
 
 
+def level_image_scores(level_scores: np.ndarray, levels: LevelStandardizer | None) -> np.ndarray:
+    """(n,) image scores from (n, L) level distances: the standardised sum with ``levels``,
+    else the paper's sum of the distances."""
+    if levels is None:
+        return np.asarray(level_scores, dtype=np.float64).sum(axis=1)
+    return levels.image_scores(level_scores)
+
+
 def fuse(
     image_scores: np.ndarray, patch_scores: np.ndarray, standardizer: Standardizer
 ) -> np.ndarray:

@@ -373,6 +373,13 @@ def test_standardised_levels_use_the_out_of_fold_normals_scale(small_dataset, tm
     paper.calibrate_scores(detector.oof_scores_, target_fpr=0.1)
     plain = paper.score([r.path for r in test])
     np.testing.assert_allclose(plain.scores, plain.level_scores.sum(axis=1))
+    # Scores decided by one detector and then another carry the second one's image score,
+    # and a calibration from decided scores uses their level distances.
+    np.testing.assert_allclose(detector.decide(plain).image_scores, expected, rtol=1e-12)
+    np.testing.assert_allclose(paper.decide(plain).scores, plain.level_scores.sum(axis=1))
+    decided = detector.decide(detector.oof_scores_.take(np.arange(len(oof))))
+    paper.calibrate_scores(decided, target_fpr=0.1)
+    assert paper.threshold == pytest.approx(np.quantile(oof.sum(axis=1), 0.9))
 
 
 def test_configurations_saved_before_an_option_keep_their_old_behaviour():
