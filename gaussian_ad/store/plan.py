@@ -129,7 +129,8 @@ class TrainingPlan:
     def store_url(self, home: Path, category: str, fingerprint: str, config: DetectorConfig) -> str:
         """One store per data, features and plan: reruns resume it, other settings do not.
 
-        Augmented passes with a chosen ``augment`` add its digest to the name.
+        The name carries the input side (features of another side are other features);
+        augmented passes with a chosen ``augment`` add its digest to the name.
         """
         levels = "-".join(map(str, config.image_levels))
         patch = (
@@ -141,7 +142,7 @@ class TrainingPlan:
             chosen = json.dumps(asdict(self.augment), sort_keys=True).encode()
             augment = f"-{hashlib.sha256(chosen).hexdigest()[:8]}"
         name = (
-            f"{fingerprint[:16]}-{config.backbone}-L{levels}{patch}"
+            f"{fingerprint[:16]}-{config.backbone}-{config.image_size}px-L{levels}{patch}"
             f"-aug{self.augment_passes}{augment}-seed{config.seed}{new}.zarr"
         )
         return str(home / "stores" / category / name)

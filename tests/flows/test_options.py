@@ -48,6 +48,11 @@ def test_plan_keeps_the_chosen_augmentation_and_stores_it_apart(small_dataset, t
     assert plain.store_url(tmp_path, "disc", "f" * 16, config) == unused.store_url(
         tmp_path, "disc", "f" * 16, config
     )
+    # Another input side extracts other features: another store.
+    native = config.replace(input_size=224)
+    assert plain.store_url(tmp_path, "disc", "f" * 16, native) != plain.store_url(
+        tmp_path, "disc", "f" * 16, config
+    )
 
 
 def test_extraction_task_augments_with_the_plan_s_configuration(small_dataset, tmp_path):
