@@ -36,15 +36,17 @@ from pathlib import Path
 from machine import machine_summary
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "devdata" / "visa"
-# name -> DetectorConfig fields (besides patch=True): the paper's method, PaDiM-like
-# per-position patches, position-free patches, and each fused with the image score.
+# name -> DetectorConfig fields (besides patch=True): the paper's method (summed levels),
+# PaDiM-like per-position patches, position-free patches, each fused with the image score,
+# and the image and position-free fused scores with standardised levels (the default).
+SUMMED = {"standardize_levels": False}
 CANDIDATES: dict[str, dict] = {
-    "image": {"score": "image"},
-    "image-npca": {"score": "image", "reduction": "npca"},
-    "patch": {"score": "patch"},
-    "patch-free": {"score": "patch", "patch_pool_radius": None},
-    "fused": {"score": "fused"},
-    "fused-free": {"score": "fused", "patch_pool_radius": None},
+    "image": {"score": "image", **SUMMED},
+    "image-npca": {"score": "image", "reduction": "npca", **SUMMED},
+    "patch": {"score": "patch", **SUMMED},
+    "patch-free": {"score": "patch", "patch_pool_radius": None, **SUMMED},
+    "fused": {"score": "fused", **SUMMED},
+    "fused-free": {"score": "fused", "patch_pool_radius": None, **SUMMED},
     "image-std": {"score": "image", "standardize_levels": True},
     "fused-free-std": {"score": "fused", "patch_pool_radius": None, "standardize_levels": True},
 }
