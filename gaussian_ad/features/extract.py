@@ -12,6 +12,8 @@ decoded ahead. Normalisation happens on the device, in one pass from the uint8 N
 to a float channels_last tensor (no copy in between). The model runs channels_last
 everywhere: on CUDA under bf16 autocast (fp16 without bf16 support) on inputs copied from
 pinned memory, on CPU in float32. Pooling is always accumulated and returned in float32.
+While batches run, freed activations stay in the heap for the next batch
+(:mod:`gaussian_ad.features.heap`) and BLAS runs single-threaded beside torch's threads.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from itertools import islice
 import numpy as np
 import torch
 from PIL import Image
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from gaussian_ad.backbones.models import Backbone
 from gaussian_ad.config import DEFAULT_LOADER, LoaderOptions
 from gaussian_ad.data.images import ImageDecodeError, ImageError, ImageSource, load_rgb
+from gaussian_ad.features.heap import reuse_freed_memory
 from gaussian_ad.features.layout import PatchLayout
 from gaussian_ad.features.patches import patch_features
 
@@ -229,17 +233,30 @@ def iter_batches(
     if progress:
         total = math.ceil(len(sources) / options.batch_size)
         batches = tqdm(batches, total=total, desc="features", unit="batch")
-    for batch in batches:
-        decoded = [(i, item) for i, item in batch if isinstance(item, np.ndarray)]
-        errors = [item for _, item in batch if isinstance(item, ImageError)]
-        index = np.array([i for i, _ in decoded], dtype=np.int64)
-        if decoded:
-            x = normalize(torch.from_numpy(np.stack([item for _, item in decoded])))
-            pooled, patches = forward(backbone, x, layout)
-        else:
-            pooled = [np.empty((0, d), dtype=np.float32) for d in backbone.level_dims]
-            patches = None if layout is None else np.empty(layout.feature_shape(0), np.float32)
-        yield Batch(index, pooled, patches, errors)
+    # torch's intra-op threads use the cores: BLAS calls between batches (the consumer's
+    # statistics) run single-threaded instead of waking threads that then spin.
+    with reuse_freed_memory(), threadpool_limits(1, user_api="blas"):
+        for batch in batches:
+            yield _run_batch(backbone, batch, normalize, layout)
+
+
+def _run_batch(
+    backbone: Backbone,
+    batch: list[tuple[int, np.ndarray | ImageError]],
+    normalize: InputNormalizer,
+    layout: PatchLayout | None,
+) -> Batch:
+    """The backbone pass over one decoded batch; its errors pass through."""
+    decoded = [(i, item) for i, item in batch if isinstance(item, np.ndarray)]
+    errors = [item for _, item in batch if isinstance(item, ImageError)]
+    index = np.array([i for i, _ in decoded], dtype=np.int64)
+    if decoded:
+        x = normalize(torch.from_numpy(np.stack([item for _, item in decoded])))
+        pooled, patches = forward(backbone, x, layout)
+    else:
+        pooled = [np.empty((0, d), dtype=np.float32) for d in backbone.level_dims]
+        patches = None if layout is None else np.empty(layout.feature_shape(0), np.float32)
+    return Batch(index, pooled, patches, errors)
 
 
 def collect(

@@ -128,3 +128,17 @@ def test_normalizer_gives_channels_last_float_inputs_without_a_copy(backbone, ar
     std = torch.tensor(backbone.spec.std).view(1, 3, 1, 1)
     expected = (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
     torch.testing.assert_close(x, expected)
+
+
+def test_blas_runs_single_threaded_between_batches_and_is_restored(backbone, arrays):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    with threadpool_limits(2, user_api="blas"):
+        seen = []
+        for _ in iter_batches(backbone, arrays, LoaderOptions(batch_size=2, workers=1)):
+            seen.append(blas_threads())  # the consumer's statistics run here
+        assert seen == [{1}] * 3
+        assert blas_threads() == {2}
