@@ -287,6 +287,8 @@ def _decode(file: BinaryIO, label: str, draft_size: int | None) -> Image.Image:
                 img.draft("RGB", (draft_size, draft_size))
             _check_pixel_count(img, label)
             img.load()
+            if img.mode == "RGB" and not img.has_transparency_data:
+                return img  # already what _to_rgb would copy it into
             return _to_rgb(img, label)
     except ImageDecodeError:
         raise

@@ -346,3 +346,21 @@ def test_manifest_fingerprint_is_order_and_location_independent(
     with open(records[0].path, "ab") as file:
         file.write(b"\0")  # same names, different size
     assert manifest_fingerprint(records) != fingerprint
+
+
+def test_rgb_png_with_a_transparent_colour_key_is_composited(tmp_path: Path) -> None:
+    pixels = np.full((4, 4, 3), 200, np.uint8)
+    pixels[:, :2] = (10, 20, 30)  # the colour the tRNS chunk makes transparent
+    path = tmp_path / "keyed.png"
+    Image.fromarray(pixels, "RGB").save(path, transparency=(10, 20, 30))
+    rgb = np.asarray(load_rgb(path))
+    assert (rgb[:, :2] == 0).all() and (rgb[:, 2:] == 200).all()
+
+
+def test_a_decoded_rgb_file_is_returned_without_a_copy_and_stays_usable(tmp_path: Path) -> None:
+    path = tmp_path / "plain.png"
+    Image.fromarray(_gradient()).save(path)
+    rgb = load_rgb(path)
+    assert rgb.mode == "RGB" and rgb.format == "PNG"  # the decoded image itself, not a copy
+    expected = Image.fromarray(_gradient()).resize((4, 4))
+    assert np.array_equal(np.asarray(rgb.resize((4, 4))), np.asarray(expected))
