@@ -6,10 +6,10 @@ resized bilinearly to a common grid, concatenated along channels, and reduced to
 seeded random subset of ``n_channels`` = 100 channels (PaDiM's d for ResNet-18).
 
 The default grid is the stride-8 resolution (28 x 28 for a 224 input), the feature resolution
-of PatchCore (Roth et al. 2022), rather than PaDiM's stride 4 (56 x 56): the final map is
-smoothed by a Gaussian of sigma 4 input pixels (full width at half maximum 9.4 px), which
-already removes detail finer than a stride-8 cell (8 px), while the stride-4 grid costs 4x
-the memory and time of every per-position statistic. ``grid=56`` gives PaDiM's layout.
+of PatchCore (Roth et al. 2022), rather than PaDiM's stride 4 (56 x 56), which costs 4x the
+memory and time of every per-position statistic. The final map is smoothed by a Gaussian one
+grid cell wide, as PaDiM's sigma of 4 px is on its stride-4 grid. ``grid=56`` gives PaDiM's
+layout.
 The statistics over these features are :class:`~gaussian_ad.stats.patch_gaussian.PatchGaussian`.
 """
 

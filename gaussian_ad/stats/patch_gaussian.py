@@ -4,10 +4,11 @@ Per position, the model is the image-level one of Rippel et al.: the mean and sc
 Ledoit-Wolf covariance, fitted from mergeable sums (:class:`BatchMoments`) accumulated batch
 by batch, so memory does not depend on the number of images and incremental fits are exact.
 A position's score is the (unsquared) Mahalanobis distance. The anomaly map is the score
-grid upsampled bilinearly to the input size and smoothed by a Gaussian of sigma 4 (PaDiM);
-its maximum is the patch-level image score. How patch features are cut from a backbone is
-:mod:`gaussian_ad.features.patches`' concern, and the patch layout is the detector's; this
-model sees only (n, P, d) arrays.
+grid upsampled bilinearly to the input size and smoothed by a Gaussian as wide as one grid
+cell (PaDiM's sigma of 4 px is one cell of its stride-4 grid at 224 px; the default grid here
+has stride 8, so 8 px); its maximum is the patch-level image score. How patch features are
+cut from a backbone is :mod:`gaussian_ad.features.patches`' concern, and the patch layout is
+the detector's; this model sees only (n, P, d) arrays.
 
 Memory (float64 statistics, d = 100): each (P, d, d) array takes P * 80 kB; 14 x 14: 16 MB,
 28 x 28: 63 MB, 56 x 56: 251 MB. A fitted model holds two of them (the sums and the
@@ -39,7 +40,6 @@ from gaussian_ad.stats.estimator import Estimator, check_fitted
 from gaussian_ad.stats.gaussian import NOT_FITTED, VARIANCE_RTOL, zero_variance
 from gaussian_ad.stats.moments import BatchMoments, shrunk_precision
 
-DEFAULT_SIGMA = 4.0  # PaDiM's smoothing of the upsampled map
 FORMAT_VERSION = 2
 POSITIONS_PER_CHUNK = 256  # positions per Ledoit-Wolf / inverse step (bounds temporaries)
 
@@ -131,9 +131,12 @@ class PatchGaussian(Estimator):
 
     Parameters
     ----------
-    sigma : float, default=4.0
+    sigma : float or None, default=None
         Standard deviation, in output pixels, of the Gaussian that smooths the anomaly
-        maps (PaDiM's 4); finite and >= 0 (0 does not smooth).
+        maps; finite and >= 0 (0 does not smooth). None: one grid cell of the output,
+        ``size / grid_`` (PaDiM's 4 px is one cell of its 56 x 56 grid at 224 px). Bilinear
+        upsampling leaves ridges at the cell scale; a cell-wide Gaussian removes them at any
+        input side and grid, where a fixed width in pixels would not.
     pool_radius : int or None, default=0
         Which training patches each position's Gaussian is fitted on. 0: the patches at
         that position only (PaDiM; assumes aligned images). r > 0: the patches within r
@@ -196,7 +199,7 @@ class PatchGaussian(Estimator):
     (1, 1)
     """
 
-    def __init__(self, *, sigma: float = DEFAULT_SIGMA, pool_radius: int | None = 0):
+    def __init__(self, *, sigma: float | None = None, pool_radius: int | None = 0):
         self.sigma = sigma
         self.pool_radius = pool_radius
 
@@ -206,13 +209,13 @@ class PatchGaussian(Estimator):
 
     def _check_params(self) -> None:
         sigma = self.sigma
-        if (
+        if sigma is not None and (
             not isinstance(sigma, numbers.Real)
             or isinstance(sigma, bool)
             or not math.isfinite(sigma)
             or sigma < 0
         ):
-            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+            raise ValueError(f"sigma must be a finite number >= 0 or None, got {sigma!r}")
         radius = self.pool_radius
         if radius is not None and (
             not isinstance(radius, numbers.Integral) or isinstance(radius, bool) or radius < 0
@@ -303,14 +306,16 @@ class PatchGaussian(Estimator):
         """(image scores (B,) float64, anomaly maps (B, size, size) float32).
 
         The score grid is upsampled bilinearly (align_corners=False) to size x size and
-        smoothed with a Gaussian of ``sigma`` pixels; an image's score is its map's maximum.
+        smoothed with a Gaussian of ``sigma`` pixels (None: ``size / grid_``, one cell); an
+        image's score is its map's maximum.
         """
         check_fitted(self, "means_", NOT_FITTED)
         self._check_params()  # sigma is used here, so a set_params after fit is checked too
         from scipy.ndimage import gaussian_filter  # only here: not a cost of every import
 
         upsampled = upsample_bilinear(self.score_maps(features), size)
-        maps = gaussian_filter(upsampled, sigma=(0.0, self.sigma, self.sigma))
+        sigma = size / self.grid_ if self.sigma is None else self.sigma
+        maps = gaussian_filter(upsampled, sigma=(0.0, sigma, sigma))
         return maps.reshape(len(maps), -1).max(axis=1), maps.astype(np.float32)
 
     # ------------------------------------------------------------- persistence

@@ -1,79 +1,105 @@
-"""The heap settings that keep freed activations for the next batch (glibc only)."""
+"""The heap settings that keep freed activations for the next batch (glibc only).
+
+Each test runs in a fresh interpreter: what a block is served from depends on the state of
+the heap, which the other tests of this process leave behind.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import threading
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 
 from gaussian_ad.features import heap
-
-
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _mapped_bytes() -> int:
-    """Bytes glibc holds in blocks of their own mmap (mallinfo2's hblkhd)."""
-    mallinfo2 = heap._LIBC.mallinfo2
-    mallinfo2.restype = _Mallinfo2
-    return mallinfo2().hblkhd
-
 
 pytestmark = pytest.mark.skipif(
     heap._LIBC is None or not hasattr(heap._LIBC, "mallinfo2"), reason="needs glibc >= 2.33"
 )
 
+PRELUDE = '''
+import ctypes, threading
+import numpy as np
+from gaussian_ad.features import heap
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+heap._LIBC.mallinfo2.restype = Mallinfo2
 SIZE = 64 << 20  # far above glibc's largest mmap threshold (32 MiB)
 
-
-def _mapped_while_holding(nbytes: int) -> int:
-    before = _mapped_bytes()
-    block = np.ones(nbytes, np.uint8)
-    grown = _mapped_bytes() - before
+def mapped_while_holding():
+    """Bytes glibc put in mappings of their own (mallinfo2's hblkhd) for a new SIZE block."""
+    before = heap._LIBC.mallinfo2().hblkhd
+    block = np.ones(SIZE, np.uint8)
+    grown = heap._LIBC.mallinfo2().hblkhd - before
     del block
     return grown
+'''
+
+
+def run_fresh(body: str) -> None:
+    """Run PRELUDE + body in a new interpreter; its assertions decide."""
+    child = subprocess.run([sys.executable, "-c", PRELUDE + body], capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr
 
 
 def test_large_blocks_come_from_the_heap_only_inside() -> None:
-    assert _mapped_while_holding(SIZE) >= SIZE  # glibc's default: a mapping of its own
-    with heap.reuse_freed_memory():
-        assert _mapped_while_holding(SIZE) == 0
-    assert _mapped_while_holding(SIZE) >= SIZE  # restored at the exit
+    run_fresh(
+        """
+assert mapped_while_holding() >= SIZE  # glibc's default: a mapping of its own
+with heap.reuse_freed_memory():
+    assert mapped_while_holding() == 0
+    assert mapped_while_holding() == 0  # the freed block is reused
+"""
+    )
 
 
 def test_nested_and_concurrent_uses_restore_at_the_last_exit() -> None:
-    inner_done, outer_may_exit = threading.Event(), threading.Event()
+    run_fresh(
+        """
+inside, may_leave = threading.Event(), threading.Event()
 
-    def other_thread() -> None:
-        with heap.reuse_freed_memory():
-            inner_done.set()
-            outer_may_exit.wait(10)
-
+def other_thread():
     with heap.reuse_freed_memory():
-        with heap.reuse_freed_memory():
-            pass
-        assert _mapped_while_holding(SIZE) == 0  # the inner exit restored nothing
-        thread = threading.Thread(target=other_thread)
-        thread.start()
-        inner_done.wait(10)
-    assert _mapped_while_holding(SIZE) == 0  # the other thread is still inside
-    outer_may_exit.set()
-    thread.join()
-    assert _mapped_while_holding(SIZE) >= SIZE
+        inside.set()
+        may_leave.wait(10)
+
+with heap.reuse_freed_memory():
+    with heap.reuse_freed_memory():
+        pass
+    assert heap._depth == 1  # the inner exit restored nothing
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    inside.wait(10)
+assert heap._depth == 1 and mapped_while_holding() == 0  # the other thread is still inside
+may_leave.set()
+thread.join()
+assert heap._depth == 0
+"""
+    )
+
+
+def test_the_exit_restores_the_defaults_and_trims() -> None:
+    run_fresh(
+        """
+calls = []
+libc = heap._LIBC
+
+class Recorder:
+    def mallopt(self, parameter, value):
+        calls.append((parameter, value))
+        return libc.mallopt(parameter, value)
+
+    def malloc_trim(self, pad):
+        calls.append(("trim", pad))
+        return libc.malloc_trim(pad)
+
+heap._LIBC = Recorder()
+with heap.reuse_freed_memory():
+    assert calls == list(heap._REUSE.items())
+assert calls[len(heap._REUSE):] == [*heap._DEFAULTS.items(), ("trim", 0)]
+"""
+    )

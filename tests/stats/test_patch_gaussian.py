@@ -27,7 +27,7 @@ def patches(rng: np.random.Generator, n: int, p: int, d: int, offset: float = 0.
 
 
 def test_init_stores_keyword_parameters_only():
-    assert vars(PatchGaussian()) == {"sigma": 4.0, "pool_radius": 0}
+    assert vars(PatchGaussian()) == {"sigma": None, "pool_radius": 0}
     marker = object()
     assert PatchGaussian(sigma=marker).sigma is marker
     with pytest.raises(TypeError):
@@ -70,7 +70,7 @@ def test_not_fitted_error_names_the_class(tmp_path):
         assert not hasattr(model, name)
 
 
-@pytest.mark.parametrize("sigma", [-1.0, float("nan"), float("inf"), "4", True, None])
+@pytest.mark.parametrize("sigma", [-1.0, float("nan"), float("inf"), "4", True])
 def test_invalid_sigma_is_rejected_at_fit_by_name(sigma):
     x = patches(np.random.default_rng(1), 10, 4, 3)
     model = PatchGaussian(sigma=sigma)  # no validation in __init__
@@ -186,6 +186,22 @@ def test_anomaly_maps_match_the_torch_pipeline():
     np.testing.assert_allclose(maps, ref.astype(np.float32), rtol=1e-6)
     np.testing.assert_allclose(scores, ref.reshape(3, -1).max(axis=1), rtol=1e-12)
     assert scores.argmax() == 1
+
+
+def test_default_smoothing_is_one_grid_cell_of_the_output(tmp_path):
+    rng = np.random.default_rng(9)
+    x, test = patches(rng, 40, 16, 5), patches(rng, 3, 16, 5)  # a 4 x 4 grid
+    default = PatchGaussian().fit(x)
+    for size in (32, 64):  # cells of 8 and 16 pixels
+        cell = PatchGaussian(sigma=size / 4).fit(x)
+        np.testing.assert_array_equal(
+            default.anomaly_maps(test, size)[1], cell.anomaly_maps(test, size)[1]
+        )
+    assert not np.allclose(
+        default.anomaly_maps(test, 64)[1], PatchGaussian(sigma=4.0).fit(x).anomaly_maps(test, 64)[1]
+    )
+    loaded = PatchGaussian.load(default.save(tmp_path / "patch.safetensors"))
+    assert loaded.sigma is None
 
 
 def test_save_load_round_trip(tmp_path):
