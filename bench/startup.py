@@ -36,6 +36,7 @@ STEPS: dict[str, str] = {
     "import torch": "import torch",
     "import torch, timm": "import torch, timm",
     "import torch, timm + weights": f"import torch, timm; {WEIGHTS}",
+    "the same, GC off": f"import gc; gc.disable(); import torch, timm; {WEIGHTS}",
     "import sklearn.base": "import sklearn.base",
     "import scipy.stats": "import scipy.stats",
     "import pandas": "import pandas",
