@@ -105,8 +105,11 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && pip check \
  && gaussian-ad --help > /dev/null
 
+# MALLOC_ARENA_MAX=1: worker threads allocate from the main heap, where a backbone pass keeps
+# its freed activations instead of page-faulting them in afresh (gaussian_ad.features.heap).
 ENV DO_NOT_TRACK=true \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    MALLOC_ARENA_MAX=1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     HF_HOME=/data/cache/huggingface \

@@ -9,12 +9,21 @@ cost as much system time as the forward pass's own arithmetic (Lite0 at 224 px, 
 Inside :func:`reuse_freed_memory`, large blocks come from the heap and freed ones stay
 there for the next batch. At the last exit the previous settings come back and the free
 memory is returned to the system (``malloc_trim``). Other C libraries: nothing changes.
+
+Threads other than the main one allocate from arenas of their own, which serve blocks over
+64 MB with mmap whatever the settings. So that a pass run by a worker thread (the scoring
+flow's Dask threads) reuses its memory too, importing this module makes the threads started
+afterwards share the main arena (``M_ARENA_MAX=1``, unless ``MALLOC_ARENA_MAX`` is set):
+Lite0 at 352 px in a worker thread, 20.6 ms user + 25.1 ms system per image before, 21.3 +
+0.4 after. Processes whose threads exist before the import (a ``dask worker``) get the
+same from ``MALLOC_ARENA_MAX=1`` in their environment.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import platform
 import threading
 from collections.abc import Iterator
@@ -23,7 +32,7 @@ from contextlib import contextmanager
 logger = logging.getLogger(__name__)
 
 # mallopt parameters (glibc's malloc.h) and glibc's defaults for them.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
 _DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 _REUSE = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}  # no mmap blocks, no trimming
 
@@ -42,6 +51,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _LIBC = _glibc()
+if _LIBC is not None and "MALLOC_ARENA_MAX" not in os.environ:
+    _LIBC.mallopt(_M_ARENA_MAX, 1)
 
 
 def _set(settings: dict[int, int]) -> None:

@@ -103,3 +103,20 @@ with heap.reuse_freed_memory():
 assert calls[len(heap._REUSE):] == [*heap._DEFAULTS.items(), ("trim", 0)]
 """
     )
+
+
+def test_threads_started_after_the_import_reuse_memory_too() -> None:
+    run_fresh(
+        """
+results = []
+
+def in_thread():
+    with heap.reuse_freed_memory():
+        results.append(mapped_while_holding())
+
+thread = threading.Thread(target=in_thread)
+thread.start()
+thread.join()
+assert results == [0], results  # without the shared arena: a mapping of its own
+"""
+    )
