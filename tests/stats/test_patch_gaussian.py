@@ -15,7 +15,12 @@ from sklearn.covariance import LedoitWolf
 from gaussian_ad.stats.arrayfile import read_arrays, write_arrays
 from gaussian_ad.stats.estimator import NotFittedError
 from gaussian_ad.stats.moments import BatchMoments
-from gaussian_ad.stats.patch_gaussian import PatchGaussian, pool_positions, upsample_bilinear
+from gaussian_ad.stats.patch_gaussian import (
+    PatchGaussian,
+    gaussian_matrix,
+    pool_positions,
+    upsample_bilinear,
+)
 
 
 def patches(rng: np.random.Generator, n: int, p: int, d: int, offset: float = 0.0) -> np.ndarray:
@@ -336,7 +341,7 @@ def test_position_free_model_is_ledoit_wolf_on_every_patch():
     test = patches(rng, 3, 9, 4)
     expected = np.sqrt(reference.mahalanobis(test.reshape(-1, 4))).reshape(3, 3, 3)
     np.testing.assert_allclose(model.score_maps(test), expected, rtol=1e-8)
-    assert model.n_samples_ == 12 and model.moments_.n_sets == 9  # the sums stay per position
+    assert model.n_samples_ == 12 and model.moments_.n_sets == 1  # it keeps the pooled sums
 
 
 def test_neighbourhood_pooling_is_ledoit_wolf_on_the_window_with_edges_repeated():
@@ -381,3 +386,51 @@ def test_pool_radius_survives_save_and_load(tmp_path):
     loaded = PatchGaussian.load(model.save(tmp_path / "p.safetensors"))
     assert loaded.pool_radius is None
     np.testing.assert_array_equal(loaded.score_maps(x), model.score_maps(x))
+
+
+def test_position_free_model_keeps_pooled_sums_that_merge_and_subtract_exactly(tmp_path):
+    rng = np.random.default_rng(10)
+    x = patches(rng, 30, 16, 3)  # a 4 x 4 grid
+    test = patches(rng, 3, 16, 3)
+    full = PatchGaussian(pool_radius=None).fit(x)
+    merged = PatchGaussian(pool_radius=None).fit(x[:12]).partial_fit(x[12:20]).partial_fit(x[20:])
+    assert merged.n_samples_ == 30 and merged.moments_.n_sets == 1 and merged.grid_ == 4
+    np.testing.assert_allclose(merged.precisions_, full.precisions_, rtol=1e-9)
+    np.testing.assert_allclose(merged.score_maps(test), full.score_maps(test), rtol=1e-9)
+    # leave-fold-out from kept (pooled) sums, as the out-of-core fit does
+    parts = [full.kept_moments(BatchMoments.from_array(x[i : i + 10])) for i in (0, 10, 20)]
+    held_out = PatchGaussian(pool_radius=None).fit_moments(sum(parts) - parts[0], grid=4)
+    direct = PatchGaussian(pool_radius=None).fit(x[10:])
+    assert held_out.n_samples_ == 20
+    np.testing.assert_allclose(held_out.precisions_, direct.precisions_, rtol=1e-9)
+    np.testing.assert_allclose(held_out.score_maps(test), direct.score_maps(test), rtol=1e-9)
+    # the file holds the pooled sums (1 set) and the grid
+    loaded = PatchGaussian.load(full.save(tmp_path / "free.safetensors"))
+    assert loaded.moments_.n_sets == 1 and loaded.grid_ == 4 and loaded.n_samples_ == 30
+    np.testing.assert_array_equal(loaded.score_maps(test), full.score_maps(test))
+    with pytest.raises(ValueError, match="positions"):
+        merged.partial_fit(patches(rng, 5, 9, 3))  # another grid
+    with pytest.raises(ValueError, match="grid is required|square|rows"):
+        PatchGaussian(pool_radius=None).fit_moments(parts[0], grid=3)
+
+
+def test_position_free_file_of_per_position_sums_still_loads(tmp_path):
+    x = patches(np.random.default_rng(11), 8, 9, 2)
+    model = PatchGaussian(pool_radius=None).fit(x)
+    header = {"format_version": 2, "sigma": None, "pool_radius": None, "metadata": {}}
+    path = tmp_path / "old.safetensors"  # as saved before: the per-position sums, no grid
+    write_arrays(
+        path, BatchMoments.from_array(x).to_arrays("moments."), "gaussian_ad_patch", header
+    )
+    loaded = PatchGaussian.load(path)
+    assert loaded.grid_ == 3 and loaded.n_samples_ == 8
+    np.testing.assert_allclose(loaded.score_maps(x), model.score_maps(x), rtol=1e-9)
+
+
+@pytest.mark.parametrize(("n", "sigma"), [(64, 4.0), (44, 8.0), (7, 5.5), (5, 0.0), (1, 3.0)])
+def test_gaussian_matrix_is_scipys_reflecting_filter(n, sigma):
+    from scipy.ndimage import gaussian_filter1d
+
+    signal = np.random.default_rng(12).normal(size=(3, n))
+    expected = gaussian_filter1d(signal, sigma, axis=1, mode="reflect") if sigma else signal
+    np.testing.assert_allclose(signal @ gaussian_matrix(n, sigma).T, expected, atol=1e-12)
