@@ -196,7 +196,10 @@ class Detector:
                 f"{store.url}: extracted at {side} px, the detector uses "
                 f"{self.config.image_size} px (set input_size={side})"
             )
-        layout = None if store.patch_layout is None else PatchLayout.from_dict(store.patch_layout)
+        if self.config.patch and store.patch_layout is None:
+            raise ValueError(f"{store.url}: holds no patch features (the detector has patch=True)")
+        held = self.config.patch and store.patch_layout is not None
+        layout = PatchLayout.from_dict(store.patch_layout) if held else None
         reduction = self.config.reduction
         image_base, patch_base = None, None
         if hasattr(self, "model_"):
@@ -214,7 +217,8 @@ class Detector:
         image_total = [sum(parts) for parts in zip(*image_parts, strict=True)]
         if image_base is not None:
             image_total = [a + b for a, b in zip(image_base, image_total, strict=True)]
-        patch_parts = [patch_moments(store, mask) for mask in masks] if layout else []
+        keep = self._patch_model().kept_moments  # a position-free model keeps pooled sums
+        patch_parts = [keep(patch_moments(store, mask)) for mask in masks] if layout else []
         patch_total = None
         if layout is not None:
             patch_total = sum(patch_parts) if patch_base is None else patch_base + sum(patch_parts)
@@ -231,16 +235,19 @@ class Detector:
             kept = _row_mask(store.n_rows, rows if k is None else rows[folds != k])
             return fit_store(store, reduction, self.config.variance_threshold, selected=kept)
 
+        grid = None if layout is None else layout.grid
+
+        def patch_model(moments: BatchMoments | None) -> PatchGaussian | None:
+            return None if moments is None else self._patch_model().fit_moments(moments, grid)
+
         def fold_models(k: int) -> tuple[GaussianAD, PatchGaussian | None]:
-            if patch_total is None:
-                return image_model(k), None
-            return image_model(k), self._patch_model().fit_moments(patch_total - patch_parts[k])
+            held_out = None if patch_total is None else patch_total - patch_parts[k]
+            return image_model(k), patch_model(held_out)
 
         def fold_scores(held_out: Detector, k: int) -> Scores:
             return score_store_rows(held_out, store, rows[folds == k])
 
-        patch_model = None if patch_total is None else self._patch_model().fit_moments(patch_total)
-        self.set_models(image_model(None), patch_model, layout, store.errors())
+        self.set_models(image_model(None), patch_model(patch_total), layout, store.errors())
         self.weights_fingerprint_ = store.config.get("weights_fingerprint")
         logger.info("fitted on %d rows of %s", self.model_.n_samples_, store.url)
         return self.calibrate_out_of_fold(fold_models, fold_scores, folds, target_fpr)
@@ -491,8 +498,9 @@ class Detector:
 
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved configuration as it was meant when saved: files older than an option carry
-    its old behaviour (the paper's sum of levels; None input size = the native side)."""
-    saved = {"standardize_levels": False, **saved}
+    its old behaviour (the paper's sum of levels; None input size = the native side; no
+    patch model, per position)."""
+    saved = {"standardize_levels": False, "patch": False, "patch_pool_radius": 0, **saved}
     spec = BACKBONES.get(saved.get("backbone", DetectorConfig.backbone))
     if saved.get("input_size") is None and spec is not None and spec.default_input_size:
         saved["input_size"] = spec.image_size
