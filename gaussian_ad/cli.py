@@ -34,9 +34,8 @@ BatchOpt = Annotated[int, typer.Option(help="images per forward pass")]
 WorkersOpt = Annotated[int, typer.Option(help="decoding threads")]
 
 
-PatchOpt = Annotated[
-    bool, typer.Option(help="also the patch-level model: anomaly maps, pixel AUROC, PRO")
-]
+PATCH_HELP = "the patch-level model too: anomaly maps, pixel AUROC, PRO"
+PatchOpt = Annotated[bool, typer.Option("--patch/--no-patch", help=PATCH_HELP)]
 ScoreOpt = Annotated[str, typer.Option(help="score that ranks images: image, patch or fused")]
 InputSizeOpt = Annotated[
     int | None,
@@ -48,8 +47,8 @@ InputSizeOpt = Annotated[
 PatchPoolOpt = Annotated[
     str,
     typer.Option(
-        help="patch Gaussians: 0 one per position (aligned products), r pooled over r grid "
-        "cells around it, all one position-free Gaussian (parts that move)"
+        help="patch Gaussians: all one position-free Gaussian (the default: any product), "
+        "0 one per position (aligned products), r pooled over r grid cells around it"
     ),
 ]
 StandardizeOpt = Annotated[
@@ -71,14 +70,14 @@ def _configs(
     levels: str = "1-9",
     reduction: str = "none",
     variance_threshold: float = 0.99,
-    patch: bool = False,
+    patch: bool = True,
     score: str = "image",
     seed: int = 0,
     weights: Path | None = None,
     device: str | None = None,
     batch_size: int = 32,
     workers: int = 2,
-    patch_pool: str = "0",
+    patch_pool: str = "all",
     input_size: int | None = None,
     standardize_levels: bool = True,
 ):
@@ -185,7 +184,8 @@ def extract(
 
     from gaussian_ad.data.images import mvtec_manifest
     from gaussian_ad.detection.detector import Detector
-    from gaussian_ad.features.shards import create_store, extract_shard
+    from gaussian_ad.features.shards import create_plan_store, extract_shard
+    from gaussian_ad.store.plan import TrainingPlan
 
     if shard_size < 1 or augment_passes < 0:
         raise typer.BadParameter("shard-size must be >= 1 and augment-passes >= 0")
@@ -200,9 +200,8 @@ def extract(
     )
     records = mvtec_manifest(data_root, category, splits=("train",))
     model = Detector(config, loader).backbone_module()
-    feature_store = create_store(
-        store, records, model, shard_size=shard_size, augment_passes=augment_passes
-    )
+    plan = TrainingPlan(records, [], augment_passes)  # the store `train` would extract
+    feature_store = create_plan_store(store, plan, model, config, loader, shard_size)
     pending = feature_store.pending_shards()
     typer.echo(
         f"{feature_store.n_rows} rows in {feature_store.n_shards} shards; {len(pending)} to go"
@@ -228,9 +227,14 @@ def fit(
     levels: LevelsOpt = "1-9",
     reduction: ReductionOpt = "none",
     variance_threshold: VarianceOpt = 0.99,
-    patch: PatchOpt = False,
+    patch: Annotated[
+        bool | None,
+        typer.Option(
+            "--patch/--no-patch", help=f"{PATCH_HELP} (default: on; with --store, if it holds them)"
+        ),
+    ] = None,
     score: ScoreOpt = "image",
-    patch_pool: PatchPoolOpt = "0",
+    patch_pool: PatchPoolOpt = "all",
     input_size: InputSizeOpt = None,
     standardize_levels: StandardizeOpt = True,
     target_fpr: TargetFprOpt = 0.01,
@@ -250,8 +254,6 @@ def fit(
 
     if (data_root is None) == (store is None):
         raise typer.BadParameter("give DATA_ROOT or --store (not both)")
-    if patch and store is not None:
-        raise typer.BadParameter("--patch fits from images; with a store use `train --patch`")
     if store is not None:
         from gaussian_ad.store.feature_store import FeatureStore
 
@@ -259,6 +261,13 @@ def fit(
         backbone = feature_store.config.get("backbone", backbone)
         levels = ",".join(map(str, feature_store.levels))
         input_size = feature_store.config.get("image_size", input_size)
+        held = feature_store.patch_layout is not None
+        if patch and not held:
+            raise typer.BadParameter(
+                f"--patch: the store {store} holds no patch features; pass --no-patch"
+            )
+        patch = held if patch is None else patch
+    patch = True if patch is None else patch
     config, loader = _configs(
         backbone,
         levels,
@@ -355,9 +364,9 @@ def evaluate(
     levels: LevelsOpt = "1-9",
     reduction: ReductionOpt = "none",
     variance_threshold: VarianceOpt = 0.99,
-    patch: PatchOpt = False,
+    patch: PatchOpt = True,
     score: ScoreOpt = "image",
-    patch_pool: PatchPoolOpt = "0",
+    patch_pool: PatchPoolOpt = "all",
     input_size: InputSizeOpt = None,
     standardize_levels: StandardizeOpt = True,
     target_fpr: TargetFprOpt = 0.01,
@@ -479,9 +488,9 @@ def train(
     no_photometric: Annotated[
         bool, typer.Option(help="augment without photometric changes (one category)")
     ] = False,
-    patch: PatchOpt = False,
+    patch: PatchOpt = True,
     score: ScoreOpt = "image",
-    patch_pool: PatchPoolOpt = "0",
+    patch_pool: PatchPoolOpt = "all",
     input_size: InputSizeOpt = None,
     standardize_levels: StandardizeOpt = True,
     select: Annotated[

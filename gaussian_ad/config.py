@@ -49,10 +49,14 @@ class DetectorConfig:
         held-out normals (True) instead of the distances themselves (False: the paper's
         sum); see :mod:`gaussian_ad.stats.fusion` for why.
     patch : also fit the patch-level model (anomaly maps); required by "patch"/"fused".
+        On by default: maps are what a person checks a flagged image against.
     patch_grid, patch_channels : the patch layout (None grid: the stride-8 grid).
     patch_pool_radius : which training patches each grid position's Gaussian pools: 0 its
-        own position (PaDiM, aligned products), r the positions within r cells, None all
-        positions (one position-free Gaussian, for products that are not aligned).
+        own position (PaDiM, aligned products), r the positions within r cells, None (the
+        default) all positions: one position-free Gaussian. It assumes nothing about where
+        the parts lie, so it holds for aligned and loose products alike, and it is the
+        better map on both real dev categories (pixel AUROC 0.972 / 0.941 against the
+        per-position 0.942 / 0.892, PRO 0.808 / 0.868 against 0.667 / 0.597).
     input_size : the square side images are resized to, a multiple of 32. None = the
         backbone's default side: 352 for lite0 (measured above its native 224 on real
         products), the native side for the others. Larger sides show small defects to the
@@ -65,7 +69,7 @@ class DetectorConfig:
     --------
     >>> DetectorConfig(levels="6-8").levels
     (6, 7, 8)
-    >>> DetectorConfig(score="fused")
+    >>> DetectorConfig(score="fused", patch=False)
     Traceback (most recent call last):
     ...
     ValueError: score: 'fused' needs the patch-level model: set patch=True
@@ -79,10 +83,10 @@ class DetectorConfig:
     variance_threshold: float = 0.99
     score: ScoreKind = "image"
     standardize_levels: bool = True
-    patch: bool = False
+    patch: bool = True
     patch_grid: int | None = None
     patch_channels: int = DEFAULT_PATCH_CHANNELS
-    patch_pool_radius: int | None = 0
+    patch_pool_radius: int | None = None
     input_size: int | None = None
     seed: int = 0
     pretrained: bool = True
@@ -138,7 +142,9 @@ class DetectorConfig:
         """One line for titles: backbone and side, levels, score and how levels add up.
 
         >>> DetectorConfig().describe()
-        'lite0 at 352 px, levels 1-9, image score of standardised levels'
+        'lite0 at 352 px, levels 1-9, image score of standardised levels, position-free maps'
+        >>> DetectorConfig(patch=False, levels="7").describe()
+        'lite0 at 352 px, levels 7, image score of standardised levels'
         """
         levels = self.image_levels
         span = (
@@ -147,9 +153,14 @@ class DetectorConfig:
             else ",".join(map(str, levels))
         )
         adding = "standardised" if self.standardize_levels else "summed"
+        maps = ""
+        if self.patch:
+            radius = self.patch_pool_radius
+            pooling = {None: "position-free", 0: "per-position"}.get(radius, f"pooled r={radius}")
+            maps = f", {pooling} maps"
         return (
             f"{self.backbone} at {self.image_size} px, levels {span}, "
-            f"{self.score} score of {adding} levels"
+            f"{self.score} score of {adding} levels{maps}"
         )
 
     def replace(self, **changes: Any) -> Self:

@@ -55,9 +55,11 @@ def test_fit_then_score_writes_one_row_per_image(small_dataset, tmp_path):
         "score_l7",
         "score_l8",
         "score_l9",
+        "image_score",
+        "patch_score",
         "is_anomaly",
         "normalized_score",
-    ]
+    ]  # the patch model is on by default
     assert not table["is_anomaly"].any()
     assert "broken.png" in output and "not an image" in output
 
@@ -126,6 +128,7 @@ def test_fit_patch_fused_then_score_writes_overlays_of_flagged_images(small_data
             str(small_dataset),
             "--category",
             "weave",
+            "--no-patch",
             "--score",
             "fused",
             "--out",
@@ -346,7 +349,8 @@ def test_patch_pool_flag_sets_the_pooling_radius():
 
     assert _configs(patch=True, patch_pool="all")[0].patch_pool_radius is None
     assert _configs(patch=True, patch_pool="2")[0].patch_pool_radius == 2
-    assert _configs(patch=True)[0].patch_pool_radius == 0
+    assert _configs(patch=True, patch_pool="0")[0].patch_pool_radius == 0
+    assert _configs()[0].patch and _configs()[0].patch_pool_radius is None  # the default
     for bad in ("-1", "some"):
         with pytest.raises(typer.BadParameter, match="patch"):
             _configs(patch=True, patch_pool=bad)

@@ -24,7 +24,7 @@ def test_levels_are_parsed_and_stored_as_a_tuple():
         ({"reduction": "bogus"}, "reduction"),
         ({"variance_threshold": 1.5}, "variance_threshold"),
         ({"score": "max"}, "score"),
-        ({"score": "fused"}, "score"),  # needs patch=True
+        ({"score": "fused", "patch": False}, "score"),  # needs patch=True
         ({"patch": True, "patch_grid": 0}, "patch_grid"),
         ({"patch_channels": 0}, "patch_channels"),
     ],

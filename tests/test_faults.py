@@ -42,7 +42,7 @@ from gaussian_ad.data.images import (
     mvtec_manifest,
 )
 from gaussian_ad.data.sources import list_source, read_items
-from gaussian_ad.detection.detector import Detector
+from gaussian_ad.detection.detector import Detector, patch_path
 from gaussian_ad.registry.mlflow_model import log_detector, register
 from gaussian_ad.scoring import outputs
 from gaussian_ad.scoring.run import RunConflict, claim
@@ -322,6 +322,8 @@ def test_a_shard_holds_a_bounded_number_of_bytes(models, small_dataset, tmp_path
 def saved(models, tmp_path) -> Path:
     target = tmp_path / "m.safetensors"
     shutil.copy(models[0], target)
+    if patch_path(models[0]).exists():  # the patch-level model, with its file name on record
+        shutil.copy(patch_path(models[0]), tmp_path / patch_path(models[0]).name)
     return target
 
 

@@ -163,8 +163,13 @@ def test_patch_fit_streams_merges_and_skips_broken_images():
 
     # The detector fits the same patch model (and layout) in its one pass, and scores with it.
     config = DetectorConfig(
-        levels="3-5", patch=True, patch_grid=7, patch_channels=20, input_size=224
-    )  # the native side, as the backbone above
+        levels="3-5",
+        patch=True,
+        patch_grid=7,
+        patch_channels=20,
+        patch_pool_radius=0,
+        input_size=224,
+    )  # per position, at the native side, as the models above
     detector = Detector(config, LoaderOptions(device="cpu", batch_size=3)).fit(images)
     assert detector.patch_layout_ == layout
     assert rel_err(detector.patch_model_.precisions_, whole.precisions_) < 1e-9
@@ -263,10 +268,10 @@ def test_detector_with_patch_model_round_trips_scores_maps_and_threshold(small_d
 
 def test_detector_without_patch_model_refuses_maps_and_patch_scores():
     with pytest.raises(ValueError, match="patch=True"):
-        Detector(DetectorConfig("lite0", score="fused"))
+        Detector(DetectorConfig("lite0", score="fused", patch=False))
     with pytest.raises(ValueError, match="score: must be one of"):
         Detector(DetectorConfig("lite0", score="max"))
-    detector = Detector(DetectorConfig("lite0", "9"))
+    detector = Detector(DetectorConfig("lite0", "9", patch=False))
     detector.set_models(GaussianAD().fit([np.random.default_rng(0).normal(size=(20, 1280))]))
     with pytest.raises(ValueError, match="patch-level model"):
         detector.score([np.zeros((32, 32, 3), np.uint8)], maps=True)
@@ -327,7 +332,8 @@ def test_position_free_patch_model_at_a_larger_input_size(small_dataset, tmp_pat
     assert detector.backbone_module().spec.image_size == 256
     assert detector.patch_layout_.grid == 32  # 256 / 8
     assert detector.patch_model_.means_.shape == (1, 24)
-    assert detector.patch_model_.moments_.n_sets == 32 * 32
+    assert detector.patch_model_.moments_.n_sets == 1  # it keeps the pooled sums only
+    assert detector.patch_model_.grid_ == 32
     result = detector.score([r.path for r in test], maps=True)
     assert result.maps.shape == (len(test), 256, 256)
     labels = np.array([r.label for r in test])[result.index]

@@ -79,7 +79,9 @@ def test_candidates_are_validated():
 def test_candidate_configures_a_detector():
     base = DetectorConfig(levels="3-5", seed=3, patch_channels=40)
     fused = Candidate("6-8", "npca", "fused").config(base)
-    assert fused == base.replace(levels="6-8", reduction="npca", score="fused", patch=True)
+    assert fused == base.replace(
+        levels="6-8", reduction="npca", score="fused", patch=True, patch_pool_radius=0
+    )
     assert Candidate("7", None, "image").config(base) == base.replace(levels="7")
     patch = Candidate(None, None, "patch").config(base)
     assert (patch.levels, patch.score, patch.patch) == ((3, 4, 5), "patch", True)

@@ -57,7 +57,8 @@ def test_plan_keeps_the_chosen_augmentation_and_stores_it_apart(small_dataset, t
 
 def test_extraction_task_augments_with_the_plan_s_configuration(small_dataset, tmp_path):
     records = [r for r in mvtec_manifest(small_dataset, "disc") if r.split == "train"][:4]
-    passes, config, loader = 2, DetectorConfig(levels="7,9"), LoaderOptions(device="cpu")
+    config = DetectorConfig(levels="7,9", patch=False)
+    passes, loader = 2, LoaderOptions(device="cpu")
     backbone = load_backbone(
         "lite0", config.image_levels, device="cpu", image_size=config.image_size
     )

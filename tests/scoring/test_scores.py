@@ -24,7 +24,7 @@ def level_scores(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture
 def detector() -> Detector:
-    detector = Detector(DetectorConfig(levels=LEVELS, score="image"))
+    detector = Detector(DetectorConfig(levels=LEVELS, score="image", patch=False))
     detector.calibration_ = Calibration.fit("image", level_scores(40, 0).sum(1), None, 0.1)
     return detector
 

@@ -150,8 +150,10 @@ def test_a_store_of_another_input_side_is_refused(tmp_path, train_records):
     store = create_store(str(tmp_path / "native.zarr"), train_records[:6], native, shard_size=6)
     extract_shard(store, 0, native)
     with pytest.raises(ValueError, match="extracted at 224 px, the detector uses 352 px"):
-        Detector(DetectorConfig("lite0", LEVELS)).fit_store(FeatureStore.open(store.url))
-    fitted = Detector(DetectorConfig("lite0", LEVELS, input_size=224)).fit_store(
+        Detector(DetectorConfig("lite0", LEVELS, patch=False)).fit_store(
+            FeatureStore.open(store.url)
+        )
+    fitted = Detector(DetectorConfig("lite0", LEVELS, input_size=224, patch=False)).fit_store(
         FeatureStore.open(store.url)
     )
     assert fitted.model_.n_samples_ == 6
