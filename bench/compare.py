@@ -6,7 +6,7 @@ process and alternating between the two, the same work on the same images with t
 torch threads:
 
 - **project**: ``Detector(DetectorConfig(backbone, levels 1-9, the native input side, the
-  paper's sum of levels)).fit(train)`` (one backbone pass, Ledoit-Wolf per level,
+  paper's sum of levels, no patch model)).fit(train)`` (one backbone pass, Ledoit-Wolf per level,
   out-of-fold calibration) then ``.score(test)``;
 - **naive**: PIL decode + convert + bilinear resize in the main thread, float [0, 1] and the
   weights' normalisation in numpy, batches through the plain timm model with forward hooks
@@ -92,6 +92,7 @@ def run_project(args: argparse.Namespace) -> dict:
         levels="1-9",
         input_size=BACKBONES[args.backbone].image_size,
         standardize_levels=False,
+        patch=False,  # no maps: the naive loop has none
     )
     detector = Detector(config, loader)
     detector.backbone_module()  # the weights, outside the timed work as for the naive loop

@@ -86,8 +86,9 @@ def bare_loop(archive: Path, model: Path, batch_size: int, workers: int) -> tupl
 
 
 def model_alone(archive: Path, model: Path, batch_size: int) -> tuple[float, int]:
-    """Wall time and rows of normalise + forward + score on images decoded beforehand, with
-    the process settings of a library pass (freed memory kept, BLAS single-threaded)."""
+    """Wall time and rows of normalise + forward + score (with the patch model's scores when
+    the model has one) on images decoded beforehand, with the process settings of a
+    library pass (freed memory kept, BLAS single-threaded)."""
     import numpy as np
     import torch
     from threadpoolctl import threadpool_limits
@@ -106,8 +107,9 @@ def model_alone(archive: Path, model: Path, batch_size: int) -> tuple[float, int
     with reuse_freed_memory(), threadpool_limits(1, user_api="blas"):
         for start in range(0, len(pixels), batch_size):
             x = normalize(torch.from_numpy(pixels[start : start + batch_size]))
-            pooled, _ = forward(backbone, x)
-            rows += len(detector.score_features(detector.image_levels_of(pooled)).scores)
+            pooled, patches = forward(backbone, x, detector.patch_layout_)
+            levels = detector.image_levels_of(pooled)
+            rows += len(detector.score_features(levels, patches).scores)
     return time.perf_counter() - started, rows
 
 

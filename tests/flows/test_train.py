@@ -46,6 +46,11 @@ HEADLINE_METRICS = {
     "test_recall",
     "heldout_fpr",
     "n_train",
+    # the default detector has the (position-free) patch model:
+    "auroc_patch",
+    "auroc_fused",
+    "pixel_auroc",
+    "pro",
 }
 
 
@@ -159,6 +164,7 @@ def test_logged_model_has_a_signature_and_the_category_name(trained, small_datas
     outputs = {c.name: c.type.name for c in signature.outputs.inputs}
     levels = {f"score_l{level}": "double" for level in range(1, 10)}
     expected = {"path": "string", "score": "double", **levels, "is_anomaly": "boolean"}
+    expected |= {"image_score": "double", "patch_score": "double"}  # the default patch model
     assert outputs == {**expected, "normalized_score": "double", "error": "string"}
     paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("test",))][:2]
     table = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({"path": paths}))
