@@ -56,7 +56,7 @@ class DetectorConfig:
         default) all positions: one position-free Gaussian. It assumes nothing about where
         the parts lie, so it holds for aligned and loose products alike, and it is the
         better map on both real dev categories (pixel AUROC 0.972 / 0.941 against the
-        per-position 0.942 / 0.892, PRO 0.808 / 0.868 against 0.667 / 0.597).
+        per-position 0.939 / 0.900, PRO 0.808 / 0.868 against 0.601 / 0.551).
     input_size : the square side images are resized to, a multiple of 32. None = the
         backbone's default side: 352 for lite0 (measured above its native 224 on real
         products), the native side for the others. Larger sides show small defects to the
