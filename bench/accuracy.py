@@ -43,9 +43,9 @@ SUMMED = {"standardize_levels": False}
 CANDIDATES: dict[str, dict] = {
     "image": {"score": "image", **SUMMED},
     "image-npca": {"score": "image", "reduction": "npca", **SUMMED},
-    "patch": {"score": "patch", **SUMMED},
+    "patch": {"score": "patch", "patch_pool_radius": 0, **SUMMED},
     "patch-free": {"score": "patch", "patch_pool_radius": None, **SUMMED},
-    "fused": {"score": "fused", **SUMMED},
+    "fused": {"score": "fused", "patch_pool_radius": 0, **SUMMED},
     "fused-free": {"score": "fused", "patch_pool_radius": None, **SUMMED},
     "image-std": {"score": "image", "standardize_levels": True},
     "fused-free-std": {"score": "fused", "patch_pool_radius": None, "standardize_levels": True},

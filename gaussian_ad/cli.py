@@ -266,8 +266,8 @@ def fit(
             raise typer.BadParameter(
                 f"--patch: the store {store} holds no patch features; pass --no-patch"
             )
-        patch = held if patch is None else patch
-    patch = True if patch is None else patch
+    if patch is None:  # the store's choice, else the default
+        patch = store is None or held
     config, loader = _configs(
         backbone,
         levels,

@@ -198,8 +198,7 @@ class Detector:
             )
         if self.config.patch and store.patch_layout is None:
             raise ValueError(f"{store.url}: holds no patch features (the detector has patch=True)")
-        held = self.config.patch and store.patch_layout is not None
-        layout = PatchLayout.from_dict(store.patch_layout) if held else None
+        layout = PatchLayout.from_dict(store.patch_layout) if self.config.patch else None
         reduction = self.config.reduction
         image_base, patch_base = None, None
         if hasattr(self, "model_"):

@@ -31,9 +31,11 @@ from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
-# mallopt parameters (glibc's malloc.h) and glibc's defaults for them.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
-_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+# mallopt parameters (glibc's malloc.h) and glibc's defaults for those changed here. The
+# mmap threshold is left as it stands: setting either of these stops glibc from moving it
+# (its dynamic threshold), so a process keeps the threshold it had reached.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 _REUSE = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}  # no mmap blocks, no trimming
 
 _lock = threading.Lock()

@@ -83,9 +83,11 @@ class Calibration:
         """Calibrate on held-out normal images' image (and patch) scores; with ``levels``,
         ``image_scores`` are its standardised sums of those images' level distances."""
         image_scores = np.asarray(image_scores, dtype=np.float64)
-        standardizer = (
-            None if patch_scores is None else Standardizer.fit(image_scores, patch_scores)
-        )
+        standardizer = None
+        if patch_scores is not None:
+            standardizer = Standardizer.fit(
+                image_scores, patch_scores, image_in_z=levels is not None
+            )
         chosen = combine(kind, image_scores, patch_scores, standardizer)
         threshold = empirical_threshold(chosen, target_fpr)
         calibration = cls(

@@ -3,7 +3,8 @@
 Two sums, both with the mean and standard deviation (ddof=1) of held-out normal images'
 values, so that no term dominates by its scale:
 
-- the fused score: the image-level score's z-score plus the patch-level score's;
+- the fused score: the image-level score's z-score plus the patch-level score's (with
+  standardised levels, the levels' z-scores plus the patch score's: :class:`Standardizer`);
 - the standardised image score (:class:`LevelStandardizer`): the per-level distances'
   z-scores summed instead of the distances themselves. The paper sums the distances, which
   weights every level alike only if they spread alike; under the Gaussian model each
@@ -23,7 +24,15 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Standardizer:
-    """Means and standard deviations of the two scores on held-out normal images."""
+    """Centre and scale of the two scores on held-out normal images.
+
+    ``image_std`` is what the centred image score is divided by: its standard deviation,
+    or 1 when the image score is already a sum of per-level z-scores (standardised levels).
+    Then the patch score's z-score counts as one more level, instead of weighing as much as
+    all the levels together: on the real dev data the image score's levels carried the
+    ranking and the equal-halves fusion lost to them (capsules 0.780 against 0.794 image
+    AUROC, fryum 0.957 against 0.977).
+    """
 
     image_mean: float
     image_std: float
@@ -31,8 +40,11 @@ class Standardizer:
     patch_std: float
 
     @classmethod
-    def fit(cls, image_scores: np.ndarray, patch_scores: np.ndarray) -> Standardizer:
-        """Fit on held-out normal images' scores (at least 2 images)."""
+    def fit(
+        cls, image_scores: np.ndarray, patch_scores: np.ndarray, *, image_in_z: bool = False
+    ) -> Standardizer:
+        """Fit on held-out normal images' scores (at least 2 images); ``image_in_z``: the
+        image scores are sums of z-scores, centred but not rescaled."""
         stats = []
         for name, scores in (("image", image_scores), ("patch", patch_scores)):
             scores = np.asarray(scores, dtype=np.float64)
@@ -41,7 +53,7 @@ class Standardizer:
             std = float(scores.std(ddof=1))
             if not std > 0.0:
                 raise ValueError(f"held-out {name} scores have no spread (std {std})")
-            stats += [float(scores.mean()), std]
+            stats += [float(scores.mean()), 1.0 if name == "image" and image_in_z else std]
         return cls(*stats)
 
     def to_dict(self) -> dict[str, float]:
@@ -103,7 +115,7 @@ def level_image_scores(level_scores: np.ndarray, levels: LevelStandardizer | Non
 def fuse(
     image_scores: np.ndarray, patch_scores: np.ndarray, standardizer: Standardizer
 ) -> np.ndarray:
-    """(n,) fused score: the sum of both scores' z-scores."""
+    """(n,) fused score: the centred, scaled image score plus the patch score's z-score."""
     image = (
         np.asarray(image_scores, np.float64) - standardizer.image_mean
     ) / standardizer.image_std

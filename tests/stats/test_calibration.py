@@ -135,3 +135,14 @@ def test_standardised_levels_refuse_flat_or_mismatched_scores():
     levels = LevelStandardizer.fit(np.random.default_rng(0).normal(size=(10, 3)))
     with pytest.raises(ValueError, match=r"expected \(n, 3\)"):
         levels.image_scores(np.ones((2, 4)))
+
+
+def test_with_standardised_levels_the_patch_z_score_counts_as_one_more_level(held):
+    image, patch = held  # image: as if a sum of level z-scores
+    levels = LevelStandardizer((0.0,), (1.0,))
+    calibration = Calibration.fit("fused", image, patch, 0.05, levels=levels)
+    assert calibration.standardizer.image_std == 1.0
+    expected = image - image.mean() + (patch - patch.mean()) / patch.std(ddof=1)
+    np.testing.assert_allclose(calibration.scores(image, patch), expected)
+    summed = Calibration.fit("fused", image, patch, 0.05)  # the paper's sum: both rescaled
+    assert summed.standardizer.image_std == pytest.approx(image.std(ddof=1))
