@@ -38,7 +38,8 @@ from machine import machine_summary
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "devdata" / "visa"
 # name -> DetectorConfig fields (besides patch=True): the paper's method (summed levels),
 # PaDiM-like per-position patches, position-free patches, each fused with the image score,
-# and the image and position-free fused scores with standardised levels (the default).
+# and the image and position-free fused scores with standardised levels (fused-free-std:
+# the default).
 SUMMED = {"standardize_levels": False}
 CANDIDATES: dict[str, dict] = {
     "image": {"score": "image", **SUMMED},

@@ -36,7 +36,13 @@ WorkersOpt = Annotated[int, typer.Option(help="decoding threads")]
 
 PATCH_HELP = "the patch-level model too: anomaly maps, pixel AUROC, PRO"
 PatchOpt = Annotated[bool, typer.Option("--patch/--no-patch", help=PATCH_HELP)]
-ScoreOpt = Annotated[str, typer.Option(help="score that ranks images: image, patch or fused")]
+ScoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="score that ranks images: image, patch or fused; default: fused with "
+        "--patch, image with --no-patch"
+    ),
+]
 InputSizeOpt = Annotated[
     int | None,
     typer.Option(
@@ -71,7 +77,7 @@ def _configs(
     reduction: str = "none",
     variance_threshold: float = 0.99,
     patch: bool = True,
-    score: str = "image",
+    score: str | None = None,
     seed: int = 0,
     weights: Path | None = None,
     device: str | None = None,
@@ -233,7 +239,7 @@ def fit(
             "--patch/--no-patch", help=f"{PATCH_HELP} (default: on; with --store, if it holds them)"
         ),
     ] = None,
-    score: ScoreOpt = "image",
+    score: ScoreOpt = None,
     patch_pool: PatchPoolOpt = "all",
     input_size: InputSizeOpt = None,
     standardize_levels: StandardizeOpt = True,
@@ -365,7 +371,7 @@ def evaluate(
     reduction: ReductionOpt = "none",
     variance_threshold: VarianceOpt = 0.99,
     patch: PatchOpt = True,
-    score: ScoreOpt = "image",
+    score: ScoreOpt = None,
     patch_pool: PatchPoolOpt = "all",
     input_size: InputSizeOpt = None,
     standardize_levels: StandardizeOpt = True,
@@ -489,7 +495,7 @@ def train(
         bool, typer.Option(help="augment without photometric changes (one category)")
     ] = False,
     patch: PatchOpt = True,
-    score: ScoreOpt = "image",
+    score: ScoreOpt = None,
     patch_pool: PatchPoolOpt = "all",
     input_size: InputSizeOpt = None,
     standardize_levels: StandardizeOpt = True,
@@ -536,7 +542,7 @@ def train(
         levels,
         reduction,
         0.99,
-        patch or score != "image",
+        patch or score not in (None, "image"),
         score,
         seed,
         weights,

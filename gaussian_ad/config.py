@@ -44,7 +44,13 @@ class DetectorConfig:
     levels : the image-level model's levels, as a tuple or text ("1-9", "7", "3,5,7").
     reduction : None, "pca" or "npca" (see :class:`~gaussian_ad.stats.gaussian.GaussianAD`).
     variance_threshold : the cumulative explained variance t that splits PCA from NPCA.
-    score : the score that ranks and thresholds images: "image", "patch" or "fused".
+    score : the score that ranks and thresholds images: "image", "patch" or "fused". None
+        (the default) = "fused" when the patch model is fitted, else "image". The fused
+        score adds the patch score's z-score to the image score as one more level: the
+        image score sees how far the whole image lies from normal, the patch score where a
+        small part does, and a defect seldom hides from both. With it the default is the
+        best candidate on both real dev categories (image AUROC 0.807 / 0.979 against the
+        image score's 0.794 / 0.977).
     standardize_levels : the image score sums each level's distance as a z-score on the
         held-out normals (True) instead of the distances themselves (False: the paper's
         sum); see :mod:`gaussian_ad.stats.fusion` for why.
@@ -81,7 +87,7 @@ class DetectorConfig:
     levels: tuple[int, ...] | str | None = None
     reduction: Reduction | None = None
     variance_threshold: float = 0.99
-    score: ScoreKind = "image"
+    score: ScoreKind | None = None
     standardize_levels: bool = True
     patch: bool = True
     patch_grid: int | None = None
@@ -101,6 +107,8 @@ class DetectorConfig:
         except ValueError as error:
             raise ValueError(f"levels: {error}") from None
         object.__setattr__(self, "levels", levels)
+        if self.score is None:  # resolved, so a saved configuration names its score
+            object.__setattr__(self, "score", "fused" if self.patch else "image")
         if self.input_size is None:  # resolved, so a saved configuration names its side
             object.__setattr__(self, "input_size", BACKBONES[self.backbone].default_input_size)
         if self.reduction not in REDUCTIONS:
@@ -142,7 +150,7 @@ class DetectorConfig:
         """One line for titles: backbone and side, levels, score and how levels add up.
 
         >>> DetectorConfig().describe()
-        'lite0 at 352 px, levels 1-9, image score of standardised levels, position-free maps'
+        'lite0 at 352 px, levels 1-9, fused score of standardised levels, position-free maps'
         >>> DetectorConfig(patch=False, levels="7").describe()
         'lite0 at 352 px, levels 7, image score of standardised levels'
         """

@@ -173,7 +173,8 @@ def test_identical_training_images_are_refused_with_the_reason(small_dataset, tm
 def test_a_model_without_threshold_leaves_is_anomaly_empty(small_dataset, tmp_path):
     paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))]
     # The paper's sum (standardised levels need the calibration's normals, like fusion)
-    detector = Detector(DetectorConfig(levels="9", standardize_levels=False)).fit(paths)
+    config = DetectorConfig(levels="9", score="image", standardize_levels=False)
+    detector = Detector(config).fit(paths)
     detector.calibration_ = None  # as a model calibrated by nothing (e.g. set_models) has
     model = detector.save(tmp_path / "m.safetensors")
     out = tmp_path / "s.parquet"

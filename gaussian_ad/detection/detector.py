@@ -497,9 +497,10 @@ class Detector:
 
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved configuration as it was meant when saved: files older than an option carry
-    its old behaviour (the paper's sum of levels; None input size = the native side; no
-    patch model, per position)."""
-    saved = {"standardize_levels": False, "patch": False, "patch_pool_radius": 0, **saved}
+    its old behaviour (the paper's sum of levels, the image score; None input size = the
+    native side; no patch model, per position)."""
+    old = {"standardize_levels": False, "score": "image", "patch": False, "patch_pool_radius": 0}
+    saved = {**old, **saved}
     spec = BACKBONES.get(saved.get("backbone", DetectorConfig.backbone))
     if saved.get("input_size") is None and spec is not None and spec.default_input_size:
         saved["input_size"] = spec.image_size

@@ -388,14 +388,21 @@ def test_standardised_levels_use_the_out_of_fold_normals_scale(small_dataset, tm
     assert paper.threshold == pytest.approx(np.quantile(oof.sum(axis=1), 0.9))
 
 
+def test_the_default_score_is_fused_with_the_patch_model_and_image_without():
+    assert (DetectorConfig().score, DetectorConfig(patch=False).score) == ("fused", "image")
+    assert DetectorConfig(score="image").score == "image"
+    with pytest.raises(ValueError, match="score: 'fused' needs the patch-level model"):
+        DetectorConfig().replace(patch=False)  # resolved: it names its score from then on
+
+
 def test_configurations_saved_before_an_option_keep_their_old_behaviour():
     from gaussian_ad.detection.detector import saved_config
 
     old = {"backbone": "lite0", "levels": [1, 2, 3], "input_size": None}  # before both options
     config = DetectorConfig.from_dict(saved_config(old))
-    assert (config.input_size, config.standardize_levels) == (224, False)
+    assert (config.input_size, config.standardize_levels, config.score) == (224, False, "image")
     new = DetectorConfig(levels="1-3").to_dict()
     assert DetectorConfig.from_dict(saved_config(new)) == DetectorConfig(levels="1-3")
-    assert (new["input_size"], new["standardize_levels"]) == (352, True)
+    assert (new["input_size"], new["standardize_levels"], new["score"]) == (352, True, "fused")
     b4 = DetectorConfig.from_dict(saved_config({"backbone": "b4", "input_size": None}))
     assert b4.input_size is None and b4.image_size == 380  # no default side: native, as before

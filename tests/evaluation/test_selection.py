@@ -82,7 +82,7 @@ def test_candidate_configures_a_detector():
     assert fused == base.replace(
         levels="6-8", reduction="npca", score="fused", patch=True, patch_pool_radius=0
     )
-    assert Candidate("7", None, "image").config(base) == base.replace(levels="7")
+    assert Candidate("7", None, "image").config(base) == base.replace(levels="7", score="image")
     patch = Candidate(None, None, "patch").config(base)
     assert (patch.levels, patch.score, patch.patch) == ((3, 4, 5), "patch", True)
 

@@ -107,8 +107,10 @@ def test_training_registers_a_tagged_champion(trained, mlflow_uri):
     sigma3 = levels["chi2"]["sigma3"]
     assert len(sigma3["threshold"]) == len(sigma3["observed_fpr"]) == len(sigma3["tpr"]) == 9
     assert sigma3["predicted_fpr"] == pytest.approx(0.0027, abs=1e-4)
-    # The image score's threshold is the empirical one at the default target FPR.
-    assert float(tags["threshold"]) == pytest.approx(levels["empirical"]["fpr0.01"]["threshold"])
+    # The default model ranks, thresholds and promotes by the fused score.
+    assert tags["score"] == "fused"
+    assert run.data.metrics["auroc"] == pytest.approx(run.data.metrics["auroc_fused"])
+    assert float(tags["threshold"]) == pytest.approx(run.data.metrics["threshold"], rel=1e-6)
     # Extraction shards ran on the local Dask cluster's workers.
     assert trained["shards"]
     assert all(s["worker"].startswith(("tcp://", "inproc://")) for s in trained["shards"])
@@ -124,7 +126,7 @@ def test_descriptions_say_what_was_trained_and_why_it_was_promoted(trained, mlfl
     run = client.get_run(trained["run_id"])
     metrics = run.data.metrics
     point = re.search(
-        r"flagged when its image score > (\S+); held-out normals' FPR (\S+) \(\d+ images\)\. "
+        r"flagged when its fused score > (\S+); held-out normals' FPR (\S+) \(\d+ images\)\. "
         r"On the test set: TP (\d+), FN (\d+), FP (\d+), TN (\d+) \(FPR (\S+), recall (\S+)\)",
         version.description,
     )
@@ -178,7 +180,7 @@ def test_training_publishes_its_headline_figures_to_prefect(trained, mlflow_uri)
     text = artifact.data
     for figure in ("AUROC", "threshold", "FPR at the threshold", "recall", "promoted"):
         assert figure in text, figure
-    assert f"| AUROC (image score, ranks and promotes) | {trained['auroc']:.4f} |" in text
+    assert f"| AUROC (fused score, ranks and promotes) | {trained['auroc']:.4f} |" in text
     experiment = MlflowClient(mlflow_uri).get_run(trained["run_id"]).info.experiment_id
     ml = "?workflowType=machine_learning"  # MLflow 3's UI, else in its GenAI view
     assert f"{mlflow_uri}/#/experiments/{experiment}/runs/{trained['run_id']}{ml})" in text
