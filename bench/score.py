@@ -1,8 +1,9 @@
 """Scoring throughput: the scoring flow against a bare loop and the model alone.
 
-Run: .venv/bin/python bench/score.py [--n 2000] [--shard-size 256] [--workdir DIR]
+Run: .venv/bin/python bench/score.py [--n 2000] [--shard-size 256] [--repeats 3] [--workdir DIR]
 
-Three ways over the same images, with the same batch size:
+Three ways over the same images, with the same batch size, run in turn ``--repeats`` times
+(medians printed):
 
 - model alone: the images decoded and resized beforehand (not timed), then only the
   normalisation, the backbone's forward pass and the Gaussian scoring, batch by batch
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tarfile
 import tempfile
 import time
@@ -45,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each")
     return parser.parse_args()
 
 
@@ -147,14 +150,23 @@ def main() -> None:
     tiny_bare, _ = bare_loop(tiny, model, args.batch_size, args.workers)
     tiny_flow, _ = flow_run(tiny, model, workdir / "tiny", args)
     model_alone(tiny, model, args.batch_size)  # warm caches
-    alone_s, alone_rows = model_alone(archive, model, args.batch_size)
-    bare_s, bare_rows = bare_loop(archive, model, args.batch_size, args.workers)
-    flow_s, flow_rows = flow_run(archive, model, workdir / "out", args)
-    assert alone_rows == bare_rows == flow_rows == args.n, (alone_rows, bare_rows, flow_rows)
+    runs = {
+        "model alone (pre-decoded)": lambda: model_alone(archive, model, args.batch_size),
+        "bare loop": lambda: bare_loop(archive, model, args.batch_size, args.workers),
+        "flow": lambda: flow_run(archive, model, workdir / "out", args),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):  # alternating, so that load from elsewhere hits all three
+        for name, run in runs.items():
+            elapsed, rows = run()
+            assert rows == args.n, (name, rows)
+            seconds[name].append(elapsed)
+    alone_s, bare_s, flow_s = (statistics.median(seconds[name]) for name in runs)
 
-    print(f"model alone (pre-decoded): {alone_s:7.1f} s  {alone_rows / alone_s:6.1f} images/s")
-    print(f"bare loop:                 {bare_s:7.1f} s  {bare_rows / bare_s:6.1f} images/s")
-    print(f"flow:                      {flow_s:7.1f} s  {flow_rows / flow_s:6.1f} images/s")
+    print(f"medians of {args.repeats} alternating runs (all runs' seconds in brackets):")
+    for name, median in zip(runs, (alone_s, bare_s, flow_s), strict=True):
+        each = ", ".join(f"{s:.1f}" for s in seconds[name])
+        print(f"{name + ':':<27}{median:7.1f} s  {args.n / median:6.1f} images/s  [{each}]")
     print(f"ratio flow / bare (throughput): {bare_s / flow_s:.2f}")
     ratio = alone_s / flow_s
     met = "met" if ratio >= 0.9 else "NOT met"
