@@ -32,9 +32,9 @@ from gaussian_ad.stats.metrics import (
     confusion,
     level_aurocs,
     mean_sem,
-    pixel_auroc,
+    pixel_curves,
     pro_area,
-    pro_curve,
+    roc_area,
 )
 from gaussian_ad.stats.patch_gaussian import upsample_bilinear
 from gaussian_ad.stats.thresholds import empirical_threshold, observed_rate, sigma_to_fpr
@@ -214,9 +214,9 @@ def pixel_metrics(
     resized = np.empty(masks.shape, dtype=np.float32)
     for start in range(0, len(maps), 16):  # bounded float64 temporaries
         resized[start : start + 16] = upsample_bilinear(maps[start : start + 16], (height, width))
-    fpr, pro = pro_curve(masks, resized)
+    fpr, tpr, pro = pixel_curves(masks, resized, regions=True)
     grid = np.linspace(0.0, 1.0, PRO_POINTS)
-    return pixel_auroc(masks, resized), pro_area(fpr, pro), (grid, np.interp(grid, fpr, pro))
+    return roc_area(fpr, tpr), pro_area(fpr, pro), (grid, np.interp(grid, fpr, pro))
 
 
 # --------------------------------------------------------------------------- protocols

@@ -102,6 +102,11 @@ def test_pixel_auroc_matches_sklearn():
     maps = rng.normal(size=masks.shape) + masks
     expected = roc_auc_score(masks.ravel(), maps.ravel())
     assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+    tied = np.round(maps, 1).astype(np.float32)  # many ties, the maps' dtype
+    expected = roc_auc_score(masks.ravel(), tied.ravel())
+    assert pixel_auroc(masks, tied) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="both normal and anomalous pixels"):
+        pixel_auroc(np.zeros_like(masks), maps)
 
 
 def brute_force_pro_auc(masks: np.ndarray, maps: np.ndarray, max_fpr: float) -> float:
