@@ -200,7 +200,8 @@ class LoaderOptions:
     ----------
     device : "cpu", "cuda", "cuda:1"; None = CUDA when present.
     batch_size : images per forward pass.
-    workers : decoding threads.
+    workers : the most decoding threads; fewer run where fewer keep up with the model
+        (see :class:`~gaussian_ad.features.extract.DecodeGate`).
     weights : a backbone weights file; None = resolve offline (see backbones.models).
     """
 

@@ -142,3 +142,61 @@ def test_blas_runs_single_threaded_between_batches_and_is_restored(backbone, arr
             seen.append(blas_threads())  # the consumer's statistics run here
         assert seen == [{1}] * 3
         assert blas_threads() == {2}
+
+
+def test_decode_gate_allows_the_threads_that_keep_up_with_the_model():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gaussian_ad.features.extract import DecodeGate
+
+    gate = DecodeGate(2)
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def work(_):
+        nonlocal running, most
+        with gate:
+            with lock:
+                running += 1
+                most = max(most, running)
+            time.sleep(0.05)
+            with lock:
+                running -= 1
+
+    def most_at_once() -> int:
+        nonlocal most
+        most = 0
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(work, range(4)))
+        return most
+
+    assert (gate.allowed, most_at_once()) == (2, 2)  # all at first
+    gate.fit_to(decode_seconds=0.1, model_seconds=0.5)  # one thread keeps up
+    assert (gate.allowed, most_at_once()) == (1, 1)
+    gate.fit_to(decode_seconds=5.0, model_seconds=0.5)  # ten would be needed
+    assert (gate.allowed, most_at_once()) == (2, 2)
+
+
+def test_decoding_narrows_only_where_one_thread_keeps_up(caplog):
+    import time
+
+    from gaussian_ad.features.extract import _decode_batches
+
+    images = [np.zeros((8, 8, 3), np.uint8)] * 12
+
+    def dear(image):
+        end = time.thread_time() + 0.02  # CPU, as decoding is
+        while time.thread_time() < end:
+            pass
+        return image
+
+    with caplog.at_level("DEBUG", logger="gaussian_ad.features.extract"):
+        list(_decode_batches(images, 8, 2, 2, dear, None))  # the model takes no time
+    assert "decoding on 1 threads" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="gaussian_ad.features.extract"):
+        for _ in _decode_batches(images, 8, 2, 2, None, None):
+            time.sleep(0.05)  # the model is the bottleneck: one thread keeps up
+    assert "decoding on 1 threads" in caplog.text
