@@ -67,8 +67,9 @@ def pixel_curves(
 
     ``masks`` (n, H, W) binary, ``maps`` the same shape. TPR is the fraction of anomalous
     pixels above the threshold, PRO that of :func:`pro_curve` (None without ``regions``).
-    One sort serves pixel AUROC and PRO: on 150 maps of 500 x 333 it is about a fifth of
-    the CPU of scikit-learn's ``roc_auc_score`` plus a separate sort for PRO.
+    One sort serves pixel AUROC and PRO: in place of scikit-learn's ``roc_auc_score`` and a
+    stable sort of its own for PRO (13.6 s of a 53 s ``evaluate`` of fryum in cProfile),
+    it took that run's CPU from 57.3 to 48.9 s (``bench/padim.py``).
     """
     masks, maps = np.asarray(masks) > 0, np.asarray(maps)
     if masks.shape != maps.shape or masks.ndim != 3:
