@@ -1,12 +1,16 @@
 """Self-contained HTML evaluation report, laid out for the engineer who acts on it.
 
-In page order: the verdict (category, model version, champion or not and why, AUROC, pixel
-AUROC and PRO, the decision threshold and the test set's confusion matrix at it, the FPR of
-the held-out normals at it); the ROC and PRO curves, the score histograms with the threshold
-and the per-defect recall and AUROC; a gallery of the false positives, the false negatives
-and the most anomalous images (image | ground truth | overlay, one colour scale shown by a
-colour bar); then the per-level AUROC, the per-level chi-square thresholds, the parameters
-and the remaining metrics.
+In page order: the verdict (title, technical configuration, category, model version,
+champion or not and why, AUROC, pixel AUROC and PRO, recall, miss rate and false-alarm rate,
+the decision rule, which score the maps show and which one decides, links to the gallery's
+groups, its colour bar and the legend, the test set's confusion matrix, the FPR of the
+held-out normals and whether the target FPR was reachable with them); the ROC and PRO
+curves, the score histograms with the threshold and the per-defect recall and AUROC; a
+gallery of the false positives, the false negatives and the most anomalous images (image |
+ground truth | overlay, one colour scale shown by a colour bar, and each image's score
+breakdown: deciding score, image and patch scores, per level, and which of them flagged
+it); then the per-level AUROC, the per-level chi-square thresholds, the parameters and the
+remaining metrics with their meaning; last a legend of every marker and term.
 
 Figures are drawn on ``matplotlib.figure.Figure`` with an explicit Agg canvas (pyplot and the
 global backend are never touched) and embedded as base64 PNG; thumbnails are embedded as
@@ -19,8 +23,9 @@ import base64
 import html
 import io
 import os
+import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import cycle
 from pathlib import Path
@@ -36,6 +41,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from gaussian_ad.scoring.overlays import SCALE_SDS, map_range, overlay
+from gaussian_ad.stats.fusion import Standardizer
 from gaussian_ad.stats.metrics import Confusion, confusion
 from gaussian_ad.stats.thresholds import observed_rate
 
@@ -72,6 +78,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; } #chi2 td { whi
 #confusion td.num { font-size: 1.2em; font-weight: 600; min-width: 4em; }
 #confusion td.bad { background: #fdecea; } #confusion td.good { background: #eaf6ea; }
 .note { color: #555; font-size: 12px; margin: .2em 0; }
+.config { color: #555; margin: 0 0 .3em; font-size: 13px; }
+.jump { margin: .4em 0; } .jump a { color: #1f5fa8; }
+.breakdown { margin-top: .3em; color: #333; } .breakdown details { color: #555; }
+.why { color: #8a3b00; }
 figure { margin: 0; }
 .item { display: flex; gap: 4px; align-items: flex-start; border: 1px solid #ddd;
         padding: 4px; }
@@ -108,7 +118,11 @@ class ReportData:
     least those of the gallery's images), ``mask_paths`` the ground-truth masks (None for
     normal images), ``pro_curve`` the (FPR, PRO) curve of the test maps. ``map_scale`` is
     the model's fixed colour scale of its maps (as the scoring overlays'); None: the range
-    of the maps shown.
+    of the maps shown. ``configuration`` is the technical configuration shown under the
+    title (:meth:`DetectorConfig.describe`); ``first_version``: promoted because there was
+    no champion to compare with. ``image_scores`` and ``patch_scores`` (the anomaly maps'
+    maxima) are the scores the chosen one is made of, and ``standardizer`` how the fused
+    score adds them; the gallery shows each image's breakdown.
     """
 
     title: str
@@ -138,6 +152,11 @@ class ReportData:
     mask_paths: list[str | None] | None = None
     level_rules: list[LevelRule] = field(default_factory=list)
     map_scale: tuple[float, float] | None = None
+    configuration: str | None = None
+    first_version: bool = False
+    image_scores: np.ndarray | None = None
+    patch_scores: np.ndarray | None = None
+    standardizer: Standardizer | None = None
 
 
 def render_report(
@@ -157,6 +176,7 @@ def render_report(
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{title}</title><style>{CSS % {'thumb': thumb_size}}</style></head><body>",
         f'<section id="verdict"><h1>{title}</h1>',
+        _configuration(data.configuration),
         _verdict(data, labels, scores, heldout),
         "</section>",
         '<section id="curves"><h2>Curves and score distributions</h2>',
@@ -177,8 +197,11 @@ def render_report(
         _level_rules_table(data.levels, data.level_rules),
         '<div class="row">',
         _key_value_table("Parameters", data.params, "params"),
-        _key_value_table("Metrics", data.metrics, "metrics"),
+        _key_value_table("Metrics", data.metrics, "metrics", explain_metric),
         "</div>",
+        "</section>",
+        '<section id="legend"><h2>Legend: markers and terms</h2>',
+        _legend(data),
         "</section>",
         "</body></html>",
     ]
@@ -198,13 +221,17 @@ def report_data(
     model_version: str | None = None,
     promoted: bool | None = None,
     promotion: str | None = None,
+    configuration: str | None = None,
+    first_version: bool = False,
 ) -> ReportData:
     """What the report of an evaluation shows; ``paths``/``defects``/``masks`` (ground-truth
     mask paths, None for normal images) align with its test rows.
 
     ``calibration`` (the detector's ``calibration_``) gives the target FPR of the threshold
     and, with a patch model, the maps' fixed colour scale;
-    ``model_version``, ``promoted`` and ``promotion`` (the reason) the registry's verdict.
+    ``model_version``, ``promoted`` and ``promotion`` (the reason) the registry's verdict,
+    ``first_version`` that it was promoted for want of a champion, ``configuration`` the
+    technical line under the title.
     The anomaly maps of the images in the default gallery (``N_ERRORS`` false positives and
     false negatives, ``N_WORST`` highest scores) go with it, and with masks the PRO curve.
     """
@@ -256,6 +283,11 @@ def report_data(
         mask_paths=None if masks is None else list(masks),
         level_rules=rules,
         map_scale=scale,
+        configuration=configuration,
+        first_version=first_version,
+        image_scores=np.asarray(test.image_scores),
+        patch_scores=test.patch_scores,
+        standardizer=None if calibration is None else calibration.standardizer,
     )
 
 
@@ -355,11 +387,45 @@ def _percent(value: float) -> str:
     return "n/a" if np.isnan(value) else f"{100 * value:.1f}%"
 
 
+SCORE_WORDS = {
+    "image": "image score (the per-level distances of the whole image's pooled features)",
+    "patch": "patch score (the highest point of the anomaly map)",
+    "fused": (
+        "fused score (the image score's and the patch score's z-scores on good images, added)"
+    ),
+}
+
+
+def _configuration(configuration: str | None) -> str:
+    if configuration is None:
+        return ""
+    return f'<p class="config">Technical configuration: {html.escape(configuration)}</p>'
+
+
+def maps_note(score_kind: str) -> str:
+    """Which score the anomaly maps show and which one decides, in words."""
+    shown = "The maps show the patch score: how unusual each spot is, red beyond good parts'"
+    if score_kind == "patch":
+        return f"{shown}. The patch score (the map's hottest spot) decides."
+    if score_kind == "fused":
+        return (
+            f"{shown}. The decision uses the fused score, the image score plus the patch "
+            "score: a flagged part whose map stays blue was flagged by its image score, and "
+            "a red spot on a passed part was outweighed by a normal image score (each "
+            "gallery image lists both)."
+        )
+    return (
+        f"{shown}. The decision uses the image score, which the maps do not show: a passed "
+        "part may glow red and a flagged one stay blue (each gallery image lists both)."
+    )
+
+
 def _verdict(
     data: ReportData, labels: np.ndarray, scores: np.ndarray, heldout: np.ndarray | None
 ) -> str:
-    """The first screen: who, champion or not, the headline metrics, the threshold and the
-    confusion matrix at it, and the held-out normals' FPR at it."""
+    """The first screen: who, champion or not and why, the headline metrics, the decision
+    rule with its recall, miss rate and false-alarm rate, what the maps show, links to the
+    gallery and the legend, the confusion matrix and the held-out normals' FPR."""
     meta = []
     if data.category is not None:
         meta.append(f"category <b>{html.escape(data.category)}</b>")
@@ -370,46 +436,90 @@ def _verdict(
         meta.append(f'<span class="badge {badge[0]}">{badge[1]}</span>')
     elif data.promotion is None:
         meta.append("champion: not decided")
-    if data.promotion is not None:
+    if data.first_version and data.promoted:
+        meta.append(
+            "the first version of this model: champion because there was no champion yet "
+            "to compare it with"
+        )
+    elif data.promotion is not None:
         meta.append(html.escape(data.promotion))
     kind = html.escape(data.score_kind)
-    tiles = [(f"image AUROC ({kind} score)", data.auroc)]
+    tiles = [(f"image AUROC ({kind} score)", f"{data.auroc:.3f}")]
     if data.pixel_auroc is not None:
-        tiles.append(("pixel AUROC", data.pixel_auroc))
+        tiles.append(("pixel AUROC", f"{data.pixel_auroc:.3f}"))
     if data.pro is not None:
-        tiles.append(("PRO (AU-PRO, FPR &le; 0.3)", data.pro))
+        tiles.append(("PRO (AU-PRO, FPR &le; 0.3)", f"{data.pro:.3f}"))
+    counts = None if data.threshold is None else confusion(labels, scores, data.threshold)
+    if counts is not None:
+        tiles += [
+            ("recall: defective parts caught", _percent(counts.recall)),
+            ("miss rate: defective parts passed", _percent(1.0 - counts.recall)),
+            ("false-alarm rate: good parts flagged", _percent(counts.fpr)),
+        ]
     parts = [
         f'<p class="meta">{" &middot; ".join(meta)}</p>',
         '<div class="tiles">',
         *(
-            f'<div class="tile"><div class="value">{value:.3f}</div>'
+            f'<div class="tile"><div class="value">{value}</div>'
             f'<div class="name">{name}</div></div>'
             for name, value in tiles
         ),
         "</div>",
     ]
-    if data.threshold is None:
+    if counts is None:
         parts.append('<p class="decision">No decision threshold: the model is not calibrated.</p>')
+        parts.append(_jump_links(data, labels, scores))
         return "\n".join(parts)
-    counts = confusion(labels, scores, data.threshold)
     n_anomalous, n_normal = counts.tp + counts.fn, counts.fp + counts.tn
     parts += [
-        f'<p class="decision">Decision rule: a part is flagged defective when its {kind} score '
-        f'&gt; <b id="threshold">{data.threshold:.6g}</b>. On the {labels.size} test images '
-        f"it catches <b>{counts.tp} of {n_anomalous}</b> defective parts "
-        f"(recall {_percent(counts.recall)}) and flags <b>{counts.fp} of {n_normal}</b> "
-        f"good parts (FPR {_percent(counts.fpr)}).</p>",
-        _confusion_table(counts, data.threshold),
+        f'<p class="decision">Decision rule: a part is flagged defective when its '
+        f"{SCORE_WORDS.get(data.score_kind, kind + ' score')} is above "
+        f'<b id="threshold">{data.threshold:.6g}</b>. On the {labels.size} test images it '
+        f"catches <b>{counts.tp} of {n_anomalous}</b> defective parts "
+        f"(recall {_percent(counts.recall)}), misses <b>{counts.fn}</b> of them "
+        f'(miss rate <span id="miss-rate">{_percent(1.0 - counts.recall)}</span>: defective '
+        f"parts passed as good) and flags <b>{counts.fp} of {n_normal}</b> good parts "
+        f'(false-alarm rate <span id="false-alarm-rate">{_percent(counts.fpr)}</span>, '
+        "FPR).</p>",
     ]
+    if data.maps:
+        parts.append(f'<p class="decision" id="maps-note">{html.escape(maps_note(kind))}</p>')
+    parts += [_jump_links(data, labels, scores), _confusion_table(counts, data.threshold)]
     if heldout is not None and heldout.size:
         n_over = int(np.sum(heldout > data.threshold))
         target = "" if data.target_fpr is None else f" for a target FPR of {data.target_fpr:g}"
-        parts.append(
-            f'<p class="decision" id="heldout">Calibration: the threshold was set{target} on '
-            f"{heldout.size} held-out (out-of-fold) normal training images; at it they have "
-            f"an FPR of <b>{_percent(n_over / heldout.size)}</b> ({n_over} of {heldout.size}).</p>"
+        text = (
+            f"Calibration: the threshold was set{target} on {heldout.size} held-out "
+            f"(out-of-fold) normal training images; at it they have an FPR of "
+            f"<b>{_percent(n_over / heldout.size)}</b> ({n_over} of {heldout.size})."
         )
+        if data.target_fpr is not None and data.target_fpr < 1.0 / heldout.size:
+            text += (
+                f' <span id="reachable">The target {_percent(data.target_fpr)} is below '
+                f"1/{heldout.size} = {_percent(1.0 / heldout.size)}, the smallest false-alarm "
+                f"rate {heldout.size} good images can show: the threshold sits near their "
+                "highest score, and only more good training images can confirm a rate that "
+                "low.</span>"
+            )
+        parts.append(f'<p class="decision" id="heldout">{text}</p>')
     return "\n".join(parts)
+
+
+def _jump_links(data: ReportData, labels: np.ndarray, scores: np.ndarray) -> str:
+    """Links from the first screen to the gallery's groups, the colour bar and the legend."""
+    groups = _gallery_rows(labels, scores, data.threshold)
+    names = {
+        "false-positives": "false alarms",
+        "false-negatives": "missed defects",
+        "most-anomalous": "most anomalous",
+    }
+    links = [
+        f'<a href="#{group}">{names[group]} ({total})</a>' for group, (_, total) in groups.items()
+    ]
+    if data.maps:
+        links.append('<a href="#colorbar">colour bar of the maps</a>')
+    links.append('<a href="#legend">legend of markers and terms</a>')
+    return f'<nav class="jump" id="jump">Go to: {" &middot; ".join(links)}</nav>'
 
 
 def _confusion_table(counts: Confusion, threshold: float) -> str:
@@ -591,14 +701,115 @@ def _img_tag(mime: str, payload: bytes, alt: str, css_class: str) -> str:
     return f'<img class="{css_class}" src="data:{mime};base64,{encoded}" alt="{html.escape(alt)}">'
 
 
-def _key_value_table(caption: str, rows: dict[str, Any], table_id: str) -> str:
+def _key_value_table(
+    caption: str,
+    rows: dict[str, Any],
+    table_id: str,
+    explain: Callable[[str], str] | None = None,
+) -> str:
+    """A two-column table, or three with ``explain``'s meaning of each key."""
     if not rows:
         return ""
     body = "".join(
-        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_format_value(value))}</td></tr>"
+        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_format_value(value))}</td>"
+        + (f"<td>{html.escape(explain(str(key)))}</td>" if explain else "")
+        + "</tr>"
         for key, value in rows.items()
     )
     return f'<table id="{table_id}"><caption>{html.escape(caption)}</caption>{body}</table>'
+
+
+METRIC_MEANINGS = [
+    (
+        r"auroc",
+        "AUROC of the deciding score on the test images: the chance that a defective part "
+        "scores above a good one (1 perfect, 0.5 chance)",
+    ),
+    (r"auroc_(\w+)", "AUROC of the {0} score on the test images"),
+    (r"champion_auroc", "AUROC of the champion on the same test images"),
+    (r"threshold", "decision threshold: a part scoring above it is flagged defective"),
+    (r"pixel_auroc", "AUROC of the anomaly maps' pixels against the defect masks"),
+    (
+        r"pro",
+        "AU-PRO: how much of each defect region the maps cover, averaged up to a pixel "
+        "false-positive rate of 0.3 (1 perfect)",
+    ),
+    (r"test_fpr", "false-alarm rate: share of good test images flagged"),
+    (r"test_recall", "recall: share of defective test images flagged"),
+    (r"heldout_fpr", "share of held-out good training images above the threshold"),
+    (r"n_train", "good images the model was fitted on"),
+    (
+        r"empirical_fpr([\d.e+-]+)",
+        "reference threshold: the image score that a share {0} of held-out good images exceed",
+    ),
+    (
+        r"empirical_fpr([\d.e+-]+)_test_normal_fpr",
+        "share of good test images above the empirical_fpr{0} threshold (its false-alarm rate)",
+    ),
+    (
+        r"empirical_fpr([\d.e+-]+)_tpr",
+        "share of defective test images above the empirical_fpr{0} threshold (its recall)",
+    ),
+]
+
+
+def explain_metric(key: str) -> str:
+    """A metric key in words (empty for a key the report does not know)."""
+    for pattern, meaning in METRIC_MEANINGS:
+        if match := re.fullmatch(pattern, key):
+            return meaning.format(*match.groups())
+    return ""
+
+
+def _legend(data: ReportData) -> str:
+    """What every marker of the figures and every term of the page means."""
+    markers = [
+        (
+            "threshold (solid red line, red dot)",
+            "the decision threshold and, on the ROC curve, the test set's operating point at it",
+        ),
+        (
+            "dashed lines, coloured dots",
+            "reference thresholds, not used to decide: "
+            "empirical_fprX is the image score that a share X of held-out good images exceed "
+            "(empirical_fpr0.001: 0.1% of them)",
+        ),
+        ("grey histogram", "held-out (out-of-fold) good training images, which set the threshold"),
+        (
+            "recall",
+            "share of defective parts flagged; miss rate = 1 - recall, the share passed as good",
+        ),
+        ("false-alarm rate (FPR)", "share of good parts flagged defective"),
+        (
+            "image score",
+            "distance of the image's pooled features from the good images', per "
+            "level, added up (L1 .. L9: the backbone's levels, L1 the earliest)",
+        ),
+        ("patch score", "the anomaly map's peak: the most unusual spot of the image"),
+        (
+            "fused score",
+            "the image score's and the patch score's z-scores on good images, "
+            "added: image part + patch part",
+        ),
+        (
+            "colour scale of the maps",
+            "blue: no hotter than a typical good image's hottest "
+            "spot; red: beyond what good images reach",
+        ),
+        (
+            "chi-square rules (sigmaN, fprX)",
+            "per-level thresholds from the Gaussian model's "
+            "theory, with the rate they predict and the rates observed",
+        ),
+    ]
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in markers
+    )
+    explained = {k: explain_metric(k) for k in data.metrics if explain_metric(k)}
+    rows += "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in explained.items()
+    )
+    return f'<table id="terms">{rows}</table>'
 
 
 def _format_value(value: Any) -> str:
@@ -694,7 +905,9 @@ def _gallery(
     with_masks = data.mask_paths is not None and any(data.mask_paths)
     parts = []
     if maps:
-        parts.append(_img_tag("image/png", *_colorbar_figure(value_range), "colorbar"))
+        parts.append(f'<p class="note">{html.escape(maps_note(data.score_kind))}</p>')
+        colorbar = _img_tag("image/png", *_colorbar_figure(value_range), "colorbar")
+        parts.append(f'<p id="colorbar">{colorbar}</p>')
         columns = "image | ground-truth mask | overlay" if with_masks else "image | overlay"
         scale = (
             f"the model's: blue at the held-out normals' mean map maximum, red {SCALE_SDS:g}"
@@ -757,13 +970,83 @@ def _gallery_item(
     if data.threshold is not None:
         decision = " &middot; flagged" if scores[index] > data.threshold else " &middot; passed"
     caption = (
-        f"#{rank} &middot; score {scores[index]:.4g}{decision}<br>"
-        f"{html.escape(str(data.defects[index]))}<br>{html.escape(name)}"
+        f"#{rank}{decision}<br>{html.escape(str(data.defects[index]))}<br>"
+        f"{html.escape(name)}{_breakdown(data, scores, index, maps.get(path), value_range)}"
     )
     return (
         f'<figure class="item" data-index="{index}" title="{html.escape(path)}">'
         f"{''.join(cells)}<figcaption>{caption}</figcaption></figure>"
     )
+
+
+def _breakdown(
+    data: ReportData,
+    scores: np.ndarray,
+    index: int,
+    anomaly_map: np.ndarray | None,
+    value_range: tuple[float, float],
+) -> str:
+    """An image's scores: the deciding one against the threshold, the image and patch
+    scores it is made of (the fused score's two parts), per level; and which score
+    flagged (or passed) it, with what its map looks like."""
+    kind, threshold, score = data.score_kind, data.threshold, float(scores[index])
+    flagged = threshold is not None and score > threshold
+    head = f"{html.escape(kind)} score {score:.4g}"
+    if threshold is not None:
+        head += f" {'&gt;' if flagged else '&le;'} threshold {threshold:.4g}"
+    lines = [f"<b>{head}</b> (decides)"]
+    image = None if data.image_scores is None else float(data.image_scores[index])
+    patch = None if data.patch_scores is None else float(data.patch_scores[index])
+    parts = None
+    if kind == "fused" and data.standardizer is not None and None not in (image, patch):
+        scale = data.standardizer
+        parts = (
+            (image - scale.image_mean) / scale.image_std,
+            (patch - scale.patch_mean) / scale.patch_std,
+        )
+        lines.append(f"= image part {parts[0]:.3g} + patch part {parts[1]:.3g}")
+    if kind != "image" and image is not None:
+        lines.append(f"image score {image:.4g}")
+    if kind != "patch" and patch is not None:
+        lines.append(f"patch score (map peak) {patch:.4g}")
+    levels = " &middot; ".join(
+        f"L{level} {value:.3g}"
+        for level, value in zip(data.levels, np.asarray(data.level_scores)[index], strict=True)
+    )
+    lines.append(f"<details><summary>distance per level</summary>{levels}</details>")
+    why = _why(kind, flagged, parts, anomaly_map, value_range) if threshold is not None else ""
+    why = f'<br><span class="why">{why}</span>' if why else ""
+    return f'<div class="breakdown">{"<br>".join(lines)}{why}</div>'
+
+
+def _why(
+    kind: str,
+    flagged: bool,
+    parts: tuple[float, float] | None,
+    anomaly_map: np.ndarray | None,
+    value_range: tuple[float, float],
+) -> str:
+    """Which score flagged or passed the image, and how that squares with its map."""
+    look = ""
+    if anomaly_map is not None and np.isfinite(anomaly_map).any():
+        low, high = value_range
+        peak = (float(np.nanmax(anomaly_map)) - low) / max(high - low, 1e-12)
+        look = "stays blue" if peak < 0.25 else ("glows red" if peak >= 0.75 else "")
+    if kind == "patch":
+        return f"{'flagged' if flagged else 'passed'} by its map's hottest spot"
+    if kind == "fused" and parts is not None:
+        if not flagged:
+            return "passed: its two parts add up to no more than the threshold" + (
+                f"; its map {look}" if look else ""
+            )
+        main = "image score" if parts[0] >= parts[1] else "map's hot spot (patch part)"
+        return f"flagged mainly by its {main}" + (f"; its map {look}" if look else "")
+    if kind == "image":
+        verdict = "flagged" if flagged else "passed"
+        return f"{verdict} by its image score; the map does not decide" + (
+            f" (it {look})" if look else ""
+        )
+    return ""
 
 
 def _cell(content: str) -> str:
