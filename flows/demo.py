@@ -2,7 +2,8 @@
 models -> score a tar archive.
 
 The models include the patch-level one, so the reports show anomaly maps and the
-scoring writes the overlays of the images above the threshold. The second training of
+scoring writes the overlays of every image (``maps="all"``: a good part's map beside a
+flagged one's). The second training of
 the scored category uses only level 1 (the backbone's stem), so the registry shows a
 version that was not promoted, with the reason in its description.
 """
@@ -52,7 +53,8 @@ def run_demo(out_dir: Path) -> None:
     results = train_all(str(data_root), options=TrainOptions(detector=DetectorConfig(patch=True)))
     weak = train(str(data_root), SCORED_CATEGORY, TrainOptions(detector=WEAK_CHALLENGER))
     archive = make_archive(data_root, SCORED_CATEGORY, out_dir / f"{SCORED_CATEGORY}-test.tar")
-    summary = score(str(archive), category=SCORED_CATEGORY, out=str(out_dir / "scores"), maps=True)
+    out = str(out_dir / "scores")
+    summary = score(str(archive), category=SCORED_CATEGORY, out=out, maps="all")
     parts = sorted((out_dir / "scores" / "scores").glob("part-*.parquet"))
     table = pd.concat([pd.read_parquet(p) for p in parts]).sort_values("score", ascending=False)
 
@@ -61,12 +63,14 @@ def run_demo(out_dir: Path) -> None:
         alias = "champion" if r["promoted"] else "challenger"
         pixel = f"  pixel AUROC {r['pixel_auroc']:.4f}" if "pixel_auroc" in r else ""
         print(f"{r['name']:<24} v{r['version']:<3} {alias:<11} AUROC {r['auroc']:.4f}{pixel}")
+        print(f"    report: {r['report']}")
     print(
         f"\n=== a weaker challenger: {weak['name']} v{weak['version']}, level 1 only ===\n"
         "The stem's pooled colour and contrast statistics barely move when a small part of "
         f"the image is defective. AUROC {weak['auroc']:.4f}; "
         f"{'promoted' if weak['promoted'] else 'not promoted'}: {weak['reason']}"
         " (the version's description in the registry says the same)"
+        f"\n    report: {weak['report']}"
     )
     print(
         f"\n=== scored {archive.name}: {summary['scored']} images, "
@@ -74,7 +78,15 @@ def run_demo(out_dir: Path) -> None:
     )
     columns = ["path", "score", "patch_score", "is_anomaly", "map"]
     print(table[columns].head(10).to_string(index=False))
+    champion = next(r for r in results if r["category"] == SCORED_CATEGORY)
     print("\n=== look at it ===")
+    page = f"experiments/{champion['experiment_id']}/runs/{champion['run_id']}/artifacts"
+    print(
+        f"Report:     {champion['report']}\n"
+        f"            ({champion['name']} v{champion['version']}; in the MLflow UI below: "
+        f"{ui_url('http://127.0.0.1:5000', page + '/report.html')}; a category's champion: "
+        f"GAUSSIAN_AD_HOME={work_dir()} .venv/bin/gaussian-ad report {SCORED_CATEGORY} --open)"
+    )
     print(
         f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri()} "
         f"--port 5000   # then {ui_url('http://127.0.0.1:5000', 'experiments')}"
@@ -84,4 +96,7 @@ def run_demo(out_dir: Path) -> None:
         f"PREFECT_HOME={work_dir() / 'prefect'} .venv/bin/prefect server start"
         "   # then http://127.0.0.1:4200 (on another --port, set PREFECT_SERVER_API_PORT too)"
     )
-    print(f"Scores:     {out_dir / 'scores'}   (anomaly-map overlays under maps/)")
+    print(
+        f"Scores:     {out_dir / 'scores'}   (anomaly-map overlays of every image, good ones "
+        "too, under maps/; score-archive writes the flagged ones unless --all-maps)"
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 from gaussian_ad_flows.options import TrainOptions
@@ -31,7 +32,14 @@ from prefect.runtime import flow_run
 from gaussian_ad.data.augment import AugmentConfig
 from gaussian_ad.data.images import mvtec_categories
 from gaussian_ad.evaluation.selection import Selection
-from gaussian_ad.registry.mlflow_model import incremental_base, training_run, training_summary
+from gaussian_ad.registry.mlflow_model import (
+    incremental_base,
+    local_path,
+    report_page,
+    run_name,
+    training_run,
+    training_summary,
+)
 from gaussian_ad.store.plan import TrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -60,7 +68,7 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
         uri,
         options.experiment,
         artifact_location(uri, options.home),
-        f"{category}-{config.backbone}",
+        run_name(category, config.score, datetime.now()),
         tags,
     ) as run_id:
         selection = None
@@ -120,6 +128,11 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
         f"registered {record.name} v{record.version}"
         f" ({'champion' if record.promoted else 'challenger'}): {record.reason}"
     )
+    page = report_page(uri, record)
+    print(
+        f"[{category}] report: {local_path(record.report)}"
+        + (f"  (MLflow: {page})" if page else "")
+    )
     return {
         "category": category,
         **record.metrics,
@@ -130,6 +143,7 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
         "version": record.version,
         "promoted": record.promoted,
         "reason": record.reason,
+        "report": local_path(record.report),
         "run_id": record.run_id,
         "experiment_id": record.experiment_id,
         "flow_run_id": flow_run.get_id(),
@@ -138,14 +152,20 @@ def train(data_root: str, category: str, options: TrainOptions = DEFAULTS) -> di
     }
 
 
-@flow(name="train-all", log_prints=True)
+def _train_all_name() -> str:
+    return f"train-all-{datetime.now():%Y-%m-%d-%H%M}"
+
+
+@flow(name="train-all", flow_run_name=_train_all_name, log_prints=True)
 def train_all(
     data_root: str,
     categories: list[str] | None = None,
     dask_address: str | None = None,
     options: TrainOptions = DEFAULTS,
 ) -> list[dict[str, Any]]:
-    """Train every category under ``data_root`` (or the given ones), each on Dask."""
+    """Train every category under ``data_root`` (or the given ones), each on Dask; the flow
+    run (``train-all-<date>``) publishes one row per category as the markdown artifact
+    ``train-all`` (:func:`train_all_summary`)."""
     names = categories or mvtec_categories(data_root)
     if not names:
         raise ValueError(f"{data_root}: no MVTec-layout categories found")
@@ -153,4 +173,25 @@ def train_all(
     results = [train.with_options(task_runner=runner)(data_root, name, options) for name in names]
     for r in results:
         print(f"{r['category']:<16} AUROC {r['auroc']:.4f}  {r['name']} v{r['version']}")
+    create_markdown_artifact(
+        train_all_summary(results),
+        key="train-all",
+        description=f"{len(results)} categories: version, AUROC, promoted or not and why",
+    )
     return results
+
+
+def train_all_summary(results: list[dict[str, Any]]) -> str:
+    """One markdown row per trained category: model and version, AUROC, promoted or not,
+    why, and where its report is."""
+    rows = [
+        f"| {r['category']} | {r['name']} v{r['version']} | {r['auroc']:.4f} ({r['score']}) | "
+        f"{'yes: champion' if r['promoted'] else 'no: challenger'} | "
+        f"{r['reason'].replace('|', '/')} | `{r['report']}` |"
+        for r in results
+    ]
+    header = (
+        "| category | model version | AUROC (score) | promoted | why | report |\n"
+        "| --- | --- | --- | --- | --- | --- |"
+    )
+    return "## Trained categories\n\n" + "\n".join([header, *rows]) + "\n"

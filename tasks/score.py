@@ -37,7 +37,7 @@ def score_shard_task(
     model: tuple[str, str, str],
     tracking: str,
     loader: LoaderOptions,
-    maps: bool = False,
+    maps: bool | str = False,
 ) -> dict[str, Any]:
     """Score a shard with the model (URI, name, version); see scoring.outputs.score_shard."""
     uri, name, version = model

@@ -9,12 +9,15 @@ The backbone weights are referenced by name (or path), never copied per version.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import re
 import tempfile
+import urllib.parse
+import urllib.request
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from gaussian_ad.detection.scores import Scores
 from gaussian_ad.evaluation.evaluate import Evaluation, store_auroc
 from gaussian_ad.evaluation.report import report_data, write_report
 from gaussian_ad.features.extract import source_label
-from gaussian_ad.scoring.run import PinnedModel
+from gaussian_ad.scoring.run import PinnedModel, file_digest
 from gaussian_ad.scoring.tables import score_table
 from gaussian_ad.store.feature_store import FeatureStore
 
@@ -118,9 +121,16 @@ def _column_type(column: pd.Series) -> str:
     return "string"
 
 
-def log_detector(detector: Detector, name: str = "model") -> mlflow.models.model.ModelInfo:
-    """Log the detector as a pyfunc model, with its signature, into the active run."""
-    with tempfile.TemporaryDirectory() as tmp:
+def log_detector(
+    detector: Detector, name: str = "model", example: str | None = None
+) -> mlflow.models.model.ModelInfo:
+    """Log the detector as a pyfunc model, with its signature, into the active run;
+    ``example`` (an image path) is its input example, which MLflow scores once to check
+    that the model serves."""
+    input_example = None if example is None else pd.DataFrame({"path": [example]})
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow 3.17 compares the example's columns with a range, which pandas deprecates.
+        warnings.filterwarnings("ignore", "Operation with range is deprecated")
         data = Path(tmp) / "detector"
         data.mkdir()
         detector.save(data / MODEL_FILE)
@@ -130,6 +140,7 @@ def log_detector(detector: Detector, name: str = "model") -> mlflow.models.model
             data_path=str(data),
             pip_requirements=PIP_REQUIREMENTS,
             signature=detector_signature(detector),
+            input_example=input_example,
         )
 
 
@@ -260,6 +271,22 @@ def ensure_experiment(
     return experiment_id
 
 
+DEFAULT_EXPERIMENT_ID = "0"
+
+
+def drop_empty_default(client: MlflowClient) -> None:
+    """Delete MLflow's "Default" experiment when it has no runs: the database creates it,
+    and an empty one in the UI's list hides nothing but adds a click."""
+    try:
+        default = client.get_experiment(DEFAULT_EXPERIMENT_ID)
+    except MlflowException:
+        return
+    if default.lifecycle_stage != "active" or client.search_runs([default.experiment_id], "", 1):
+        return
+    client.delete_experiment(default.experiment_id)
+    logger.info("deleted the empty %r experiment of %s", default.name, client.tracking_uri)
+
+
 @contextlib.contextmanager
 def training_run(
     tracking_uri: str,
@@ -272,10 +299,14 @@ def training_run(
 
     Created on entry (in ``experiment``, made when missing), its id is yielded for the tasks
     that log into it (:func:`record_training`); ended FINISHED on exit, FAILED when the
-    training raises (KILLED when it is interrupted).
+    training raises (KILLED when it is interrupted). With ``artifact_location`` (the
+    project's embedded store) the empty Default experiment is dropped
+    (:func:`drop_empty_default`).
     """
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(experiment, artifact_location, client)
+    if artifact_location is not None:
+        drop_empty_default(client)
     run_id = client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
     logger.info("MLflow run %s (%s) started in experiment %s", run_id, run_name, experiment_id)
     try:
@@ -302,6 +333,59 @@ class TrainingRecord:
     champion_auroc: float | None
     champion_version: str | None
     metrics: dict[str, float]
+    report: str = ""  # the HTML report's artifact URI (REPORT_ARTIFACT in the run)
+
+
+REPORT_ARTIFACT = "report.html"
+
+
+def run_name(category: str, score: str, started: datetime, version: str | None = None) -> str:
+    """A training run's name, distinct in the runs list: category, the version once
+    registered, score kind, start time (``disc-v2-image-2026-12-03-1152``)."""
+    tag = f"-v{version}" if version else ""
+    return f"{category}{tag}-{score}-{started:%Y-%m-%d-%H%M}"
+
+
+def local_path(uri: str) -> str:
+    """The local path of a ``file:`` URI; any other URI unchanged."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return urllib.request.url2pathname(parsed.path)
+    return uri
+
+
+def report_location(model_uri: str, client: MlflowClient | None = None) -> tuple[str, str]:
+    """(the report's artifact URI, its MLflow UI page or "") of a registered version
+    (``models:/name@alias`` or ``models:/name/version``): the report logged by the run that
+    registered it."""
+    client = client or MlflowClient()
+    ref = resolve_version(model_uri, client)
+    if ref is None:
+        raise ValueError(f"{model_uri}: not a registered version (models:/NAME@ALIAS or /N)")
+    run = client.get_run(client.get_model_version(ref.name, ref.version).run_id).info
+    page = _report_page(client.tracking_uri, run.experiment_id, run.run_id)
+    return f"{run.artifact_uri}/{REPORT_ARTIFACT}", page
+
+
+def report_file(model_uri: str, dst: str | Path) -> tuple[str, str]:
+    """(a local path of the version's report, its MLflow UI page or ""): the artifact's own
+    file in a local artifact store, else a copy downloaded under ``dst``."""
+    uri, page = report_location(model_uri)
+    path = local_path(uri)
+    if path == uri:  # not a file: URI
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+    return path, page
+
+
+def report_page(tracking_uri: str, record: TrainingRecord) -> str:
+    """The MLflow UI page of a training's report, or "" when the server is not http(s)."""
+    return _report_page(tracking_uri, record.experiment_id, record.run_id)
+
+
+def _report_page(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    page = f"experiments/{experiment_id}/runs/{run_id}/artifacts/{REPORT_ARTIFACT}"
+    return ui_url(tracking_uri, page) or ""
 
 
 LEVELS_ARTIFACT = "chi2_levels.json"
@@ -363,7 +447,7 @@ def record_training(
         if selection is not None:
             mlflow.log_dict(selection, "selection.json")
         mlflow.log_dict(level_report(evaluation, list(config.image_levels)), LEVELS_ARTIFACT)
-        info = log_detector(detector, name)
+        info = log_detector(detector, name, example=str(store.manifest["path"].iloc[0]))
         mlflow.set_tags(
             {
                 "promoted": str(promoted),
@@ -374,11 +458,13 @@ def record_training(
     tags = version_tags(detector, evaluation, params, promoted, selection)
     version = register(info.model_uri, name, tags, client, description).version
     assign_aliases(name, version, promoted, client)
+    started = datetime.fromtimestamp(run.info.start_time / 1000)
+    client.update_run(run_id, name=run_name(category, config.score, started, version))
     outcome = replace(outcome, experiment_id=run.info.experiment_id, version=version)
     client.update_registered_model(name, description=model_description(category, outcome, current))
-    log_report(client, outcome, detector, evaluation, store, params, category)
-    logger.info("%s v%s: %s", name, version, reason)
-    return outcome
+    report = log_report(client, outcome, detector, evaluation, store, params, category)
+    logger.info("%s v%s: %s; report %s", name, version, reason, local_path(report))
+    return replace(outcome, report=report)
 
 
 def log_report(
@@ -389,14 +475,14 @@ def log_report(
     store: FeatureStore,
     params: dict[str, Any],
     category: str,
-) -> None:
+) -> str:
     """Log the HTML report (``report.html``) into the training's run: the evaluation of the
     store's test rows, with their masks, the detector's calibration and the registry's
-    verdict (version, promotion decision and reason)."""
+    verdict (version, promotion decision and reason); returns its artifact URI."""
     config = detector.config
     test = store.manifest.iloc[evaluation.test.index]
     report = report_data(
-        f"{category}: {config.describe()}",
+        f"Defect detection for {category}: model version {outcome.version}",
         evaluation,
         test["path"].tolist(),
         test["defect"].tolist(),
@@ -407,9 +493,13 @@ def log_report(
         model_version=outcome.version,
         promoted=outcome.promoted,
         promotion=outcome.reason,
+        configuration=config.describe(),
+        first_version=outcome.promoted and outcome.champion_auroc is None,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        client.log_artifact(outcome.run_id, str(write_report(report, Path(tmp) / "report.html")))
+        written = write_report(report, Path(tmp) / REPORT_ARTIFACT)
+        client.log_artifact(outcome.run_id, str(written))
+    return f"{client.get_run(outcome.run_id).info.artifact_uri}/{REPORT_ARTIFACT}"
 
 
 def headline_metrics(evaluation: Evaluation, n_train: int) -> dict[str, float]:
@@ -478,18 +568,18 @@ def version_tags(
     """The registered version's tags, each one short: headline figures, configuration,
     provenance. The reason for the promotion decision is in the version's description."""
     config = detector.config
-    tags = {
+    tags = {  # in the order MLflow's UI lists them: the working point first
+        "threshold": f"{evaluation.threshold:.6f}",
+        "promoted": str(promoted),
         "auroc": f"{evaluation.auroc:.6f}",
         "score": config.score,
         "patch": str(detector.patch_model_ is not None),
-        "threshold": f"{evaluation.threshold:.6f}",
         "backbone": config.backbone,
         "levels": ",".join(map(str, config.image_levels)),
         "input_size": config.image_size,
         "standardize_levels": str(config.standardize_levels),
         "n_train": params["n_train"],
         "data_fingerprint": params.get("data_fingerprint", "")[:16],  # the run has all of it
-        "promoted": str(promoted),
     }
     if evaluation.pixel_auroc is not None:
         tags |= {"pixel_auroc": f"{evaluation.pixel_auroc:.6f}", "pro": f"{evaluation.pro:.6f}"}
@@ -610,9 +700,14 @@ def training_summary(record: TrainingRecord, tracking_uri: str) -> str:
     run_page = ui_url(tracking_uri, f"experiments/{record.experiment_id}/runs/{record.run_id}")
     version_page = ui_url(tracking_uri, f"models/{record.name}/versions/{record.version}")
     if run_page and version_page:
-        links = f"[MLflow run]({run_page}) · [model version {record.version}]({version_page})"
+        links = (
+            f"[MLflow run]({run_page}) · [model version {record.version}]({version_page}) · "
+            f"[report]({report_page(tracking_uri, record)})"
+        )
     else:
         links = f"MLflow run `{record.run_id}` in `{tracking_uri}`"
+    if record.report:
+        links += f"\n\nReport: `{local_path(record.report)}`"
     status = "champion" if record.promoted else "not promoted"
     verdict = "Promoted" if record.promoted else "Not promoted"
     return (
@@ -690,7 +785,7 @@ def pin_model(model_uri: str) -> PinnedModel:
     detector = load_detector(model_uri)
     digest = ""
     if Path(model_uri).is_file():
-        digest = hashlib.sha256(Path(model_uri).read_bytes()).hexdigest()[:16]
+        digest = file_digest(model_uri)
     return PinnedModel(
         uri=model_uri,
         name=model_uri,

@@ -42,12 +42,14 @@ def score_rows(
     maps_root: str | Path | None = None,
     maps_folder: str = ".",
     progress: bool = False,
+    all_maps: bool = False,
 ) -> tuple[pd.DataFrame, list[ImageError], int]:
     """(score rows, unreadable images, overlays written) for ``sources`` labelled ``names``.
 
-    With ``maps_root``, the overlay of every flagged image (with its legend: verdict,
-    score, normalised score, threshold, colour bar) goes under ``maps_root/maps_folder``
-    and the rows' ``map`` column names it relative to ``maps_root`` (empty for the others).
+    With ``maps_root``, the overlay of every flagged image (with ``all_maps``: of every
+    image) with its legend (verdict, score, normalised score, threshold, colour bar) goes
+    under ``maps_root/maps_folder`` and the rows' ``map`` column names it relative to
+    ``maps_root`` (empty for the others).
     """
     result = detector.score(sources, names=names, maps=maps_root is not None, progress=progress)
     table = score_table([names[i] for i in result.index], result, detector.config.image_levels)
@@ -55,7 +57,14 @@ def score_rows(
     if maps_root is not None:
         standardizer = None if detector.calibration_ is None else detector.calibration_.standardizer
         written = write_overlays(
-            result, sources, names, maps_root, maps_folder, standardizer, detector.threshold
+            result,
+            sources,
+            names,
+            maps_root,
+            maps_folder,
+            standardizer,
+            detector.threshold,
+            every=all_maps,
         )
         table["map"] = [written.get(int(i), "") for i in result.index]
     return table, result.errors, len(written)
@@ -121,13 +130,14 @@ def score_shard(
     shard: int,
     out: str | Path,
     model: tuple[str, str],
-    maps: bool = False,
+    maps: bool | str = False,
 ) -> dict[str, Any]:
     """Score one shard of a scoring run into ``out``; its scores part is written last,
     atomically: the commit point (a finished shard is skipped).
 
     ``model`` is the (registered name, version) recorded in every row. With ``maps``, the
-    overlays of the flagged images go to ``maps/part-<shard>/`` first.
+    overlays of the flagged images (``maps="all"``: of every image) go to
+    ``maps/part-<shard>/`` first.
     """
     scores_part = part_path(out, "scores", shard)
     if scores_part.exists():
@@ -137,7 +147,12 @@ def score_shard(
     tables, errors, n_maps = [], [], 0
     for names, contents, read_errors in _chunks_in_memory(items):
         table, score_errors, written = score_rows(
-            detector, contents, names, out if maps else None, f"maps/part-{shard:05d}"
+            detector,
+            contents,
+            names,
+            out if maps else None,
+            f"maps/part-{shard:05d}",
+            all_maps=maps == "all",
         )
         tables.append(table)
         errors += read_errors + score_errors

@@ -191,8 +191,12 @@ def write_overlay(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    try:
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -204,16 +208,19 @@ def write_overlays(
     folder: str,
     normal: Standardizer | None = None,
     threshold: float | None = None,
+    every: bool = False,
 ) -> dict[int, str]:
-    """Overlays of the images flagged anomalous in ``scores`` (returned with ``maps``),
-    under ``out/folder``, each with its score, normalised score and ``threshold`` in its
-    legend; returns input position -> file name relative to ``out``."""
+    """Overlays of the images flagged anomalous in ``scores`` (returned with ``maps``), or
+    with ``every`` of all of them (what a good part's map looks like), under
+    ``out/folder``, each with its score, normalised score and ``threshold`` in its legend;
+    returns input position -> file name relative to ``out``."""
     if scores.maps is None:
         raise ValueError("no anomaly maps in these scores: score with maps=True")
     written: dict[int, str] = {}
     if scores.is_anomaly is None or scores.scores is None:
         return written
-    for row in np.flatnonzero(scores.is_anomaly):
+    rows = np.arange(len(scores)) if every else np.flatnonzero(scores.is_anomaly)
+    for row in rows:
         position = int(scores.index[row])
         verdict = Verdict(
             score=float(scores.scores[row]),

@@ -20,12 +20,14 @@ from gaussian_ad.evaluation.evaluate import Evaluation, ThresholdReport
 from gaussian_ad.evaluation.report import (
     LevelRule,
     ReportData,
+    explain_metric,
     render_report,
     report_data,
     write_report,
 )
 from gaussian_ad.stats.calibration import Calibration
 from gaussian_ad.stats.fusion import Standardizer
+from gaussian_ad.stats.metrics import confusion
 
 N_WORST = 4
 THRESHOLD = 15.5
@@ -361,3 +363,144 @@ def test_headless_chromium_renders_the_report(data: ReportData, tmp_path: Path):
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape == (2000, 1280, 3)
     assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
+
+
+def first_screen_text(report: Path, width: int = 1400, height: int = 1000) -> str:
+    """The text headless Chromium lays out within the first ``width`` x ``height`` screen of
+    ``report``: a script in a copy of the page collects every text node whose box starts
+    above the fold and the DOM is dumped with it."""
+    probe = report.with_name("probe.html")
+    script = (
+        "<script>window.addEventListener('load', () => {const out = [];"
+        "const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);"
+        "const range = document.createRange();"
+        "while (walk.nextNode()) {const node = walk.currentNode;"
+        "if (!node.textContent.trim()) continue; range.selectNodeContents(node);"
+        "const box = range.getBoundingClientRect();"
+        "if (box.height > 0 && box.top < innerHeight && box.left < innerWidth)"
+        " out.push(node.textContent.trim());}"
+        "const pre = document.createElement('pre'); pre.id = 'first-screen';"
+        "pre.textContent = out.join(' '); document.body.appendChild(pre);});</script>"
+    )
+    probe.write_text(report.read_text().replace("</body>", script + "</body>"))
+    dom = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--window-size={width},{height}",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    found = re.search(r'<pre id="first-screen">(.*?)</pre>', dom, re.S)
+    assert found, "the probe script did not run"
+    return re.sub(r"\s+", " ", html.unescape(found.group(1)))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium on PATH")
+def test_first_screen_shows_verdict_threshold_recall_miss_and_false_alarm_rates(
+    data: ReportData, tmp_path: Path
+):
+    report = write_report(
+        replace(data, configuration="lite0 at 352 px, levels 1-3"), tmp_path / "r.html"
+    )
+    seen = first_screen_text(report)
+    counts = confusion(data.labels, data.scores, THRESHOLD)
+    for text in (
+        "not promoted",
+        "AUROC 0.91 < champion 0.93",
+        f"{THRESHOLD:.6g}",
+        f"recall {100 * counts.recall:.1f}%",
+        f"miss rate {100 * (1 - counts.recall):.1f}%",  # in the decision rule's sentence
+        f"false-alarm rate {100 * counts.fpr:.1f}%",
+        "miss rate: defective parts passed",  # the tiles
+        "false-alarm rate: good parts flagged",
+        "false alarms",  # the links to the gallery and the legend
+        "legend of markers and terms",
+        "Technical configuration: lite0 at 352 px, levels 1-3",
+    ):
+        assert text in seen, text
+    assert "Legend: markers and terms" not in seen  # the page's end is below the fold
+
+
+def test_reachable_fpr_is_stated_when_the_target_is_below_one_over_n(data: ReportData):
+    verdict = render_report(data)[: render_report(data).index("</section>")]
+    n = data.heldout_scores.size  # 30 held-out normals, target 0.01 < 1/30
+    assert f"below 1/{n} = {100 / n:.1f}%" in verdict
+    reachable = render_report(replace(data, target_fpr=0.05))
+    assert 'id="reachable"' not in reachable
+
+
+def test_first_version_reads_as_champion_for_want_of_one(data: ReportData):
+    page = render_report(replace(data, promoted=True, first_version=True, promotion="x"))
+    meta = re.search(r'<p class="meta">.*?</p>', page, re.S).group(0)
+    assert '<span class="badge champion">champion</span>' in meta
+    assert "first version of this model: champion because there was no champion yet" in meta
+    assert "x" not in meta.removeprefix('<p class="meta">').replace("badge", "")
+
+
+def test_metrics_and_markers_are_explained_in_the_legend(data: ReportData):
+    metrics = {"empirical_fpr0.001": 3.5, "empirical_fpr0.001_tpr": 0.4, "auroc_image": 0.9}
+    page = render_report(replace(data, metrics=metrics))
+    legend = page[page.index('<section id="legend"') :]
+    assert "empirical_fpr0.001: 0.1% of them" in legend
+    assert "a share 0.001 of held-out good images exceed" in legend
+    assert "above the empirical_fpr0.001 threshold (its recall)" in page
+    assert "AUROC of the image score on the test images" in legend
+    assert explain_metric("no_such_metric") == ""
+
+
+def test_gallery_says_which_score_flagged_an_image_whose_map_stays_blue(
+    data: ReportData, tmp_path: Path
+):
+    """Fused score: a false positive flagged by its image score, with a cool map, and a
+    missed defect whose map glows red but whose image score kept it under the threshold."""
+    scale = Standardizer(image_mean=10.0, image_std=2.0, patch_mean=1.0, patch_std=0.5)
+    image_scores = np.asarray(data.scores, float).copy()
+    patch_scores = np.full(image_scores.size, 1.0)
+    defective = np.flatnonzero(data.labels == 1)
+    missed = int(defective[np.argmin(data.scores[defective])])  # image part below 0.5
+    patch_scores[missed] = 2.5  # 3 SDs: red on the map's scale
+    fused = (image_scores - 10.0) / 2.0 + (patch_scores - 1.0) / 0.5
+    threshold = 4.0
+    maps = {
+        data.paths[FALSE_POSITIVE]: np.full((4, 4), 1.0),  # at the blue end
+        data.paths[missed]: np.full((4, 4), 2.5),
+    }
+    missed_path = write_png(tmp_path / "missed.png", 30)
+    maps[missed_path] = maps.pop(data.paths[missed])
+    paths = [*data.paths]
+    paths[missed] = missed_path
+    page = render_report(
+        replace(
+            data,
+            scores=fused,
+            threshold=threshold,
+            score_kind="fused",
+            paths=paths,
+            maps=maps,
+            map_scale=(1.0, 2.5),
+            image_scores=image_scores,
+            patch_scores=patch_scores,
+            standardizer=scale,
+            thresholds={},
+        )
+    )
+    assert "The decision uses the fused score" in page
+    items = dict(re.findall(r'data-index="(\d+)".*?<figcaption>(.*?)</figcaption>', page, re.S))
+    positive = items[str(FALSE_POSITIVE)]
+    assert f"fused score {fused[FALSE_POSITIVE]:.4g} &gt; threshold 4" in positive
+    assert f"image part {(30.0 - 10.0) / 2.0:.3g} + patch part 0" in positive
+    assert "flagged mainly by its image score; its map stays blue" in positive
+    negative = items[str(missed)]
+    assert "patch score (map peak) 2.5" in negative and "&le; threshold 4" in negative
+    assert (
+        "passed: its two parts add up to no more than the threshold; its map glows red" in negative
+    )
+    assert negative.count("<details><summary>distance per level</summary>L1 ") == 1

@@ -30,11 +30,12 @@ NAME = f"gaussian-ad-{CATEGORY}"
 
 @pytest.fixture(scope="module")
 def trained(small_dataset, prefect_harness, mlflow_uri, tmp_path_factory) -> dict:
-    """One training flow run of the disc category."""
-    from gaussian_ad_flows.train import train
+    """One training flow run of the disc category, under a train-all flow run."""
+    from gaussian_ad_flows.train import train_all
 
     home = tmp_path_factory.mktemp("home")
-    result = train(str(small_dataset), CATEGORY, TrainOptions(shard_size=16, home=str(home)))
+    options = TrainOptions(shard_size=16, home=str(home))
+    [result] = train_all(str(small_dataset), [CATEGORY], options=options)
     return {**result, "home": str(home)}
 
 
@@ -156,6 +157,18 @@ def test_run_spans_the_training(trained, mlflow_uri):
     duration = (run.info.end_time - run.info.start_time) / 1000
     assert duration >= max(s["seconds"] for s in trained["shards"])
     assert run.data.tags["prefect_flow_run_id"] == trained["flow_run_id"]
+    # Named so that two runs of a category differ in the runs list.
+    assert re.fullmatch(rf"{CATEGORY}-v{trained['version']}-fused-[\d-]{{15}}", run.info.run_name)
+
+
+def test_train_all_names_its_run_by_date_and_summarises_each_category(trained):
+    [artifact] = scoring_artifacts("train-all")[:1]
+    assert re.fullmatch(r"train-all-\d{4}-\d\d-\d\d-\d{4}", flow_run_name(artifact.flow_run_id))
+    row = (
+        f"| {CATEGORY} | {NAME} v{trained['version']} | {trained['auroc']:.4f} (fused) | "
+        f"yes: champion | no champion yet | `{trained['report']}` |"
+    )
+    assert row in artifact.data and "| category | model version |" in artifact.data
 
 
 def test_logged_model_has_a_signature_and_the_category_name(trained, small_dataset, mlflow_uri):
@@ -195,6 +208,8 @@ def test_logged_report_shows_the_registry_verdict(trained, mlflow_uri, tmp_path)
     assert f"category <b>{CATEGORY}</b>" in text
     assert '<span class="badge champion">champion</span>' in text
     assert trained["reason"] == "no champion yet" and "no champion yet" in text
+    assert "first version of this model" in text and trained["report"].endswith("/report.html")
+    assert "Technical configuration: lite0 at 352 px" in text
     assert f'<b id="threshold">{trained["threshold"]:.6g}</b>' in text
     # Its target FPR came from the detector's calibration.
     assert "for a target FPR of 0.01" in text
@@ -297,6 +312,9 @@ def test_scoring_flow_resumes_with_each_image_once(trained, archive, tmp_path):
     assert first.type == "table"
     [row] = json.loads(second.data)
     assert row["scored"] == n_images and row["errors"] == 2
+    [notes] = scoring_artifacts("score-batch-tar-errors")[:1]
+    assert "| file | reason |" in notes.data and f"`{out / 'scores'}`" in notes.data
+    assert "broken/corrupt.png" in notes.data and "traversal" in notes.data
     assert row["anomalous"] == int(table["is_anomaly"].sum())
     assert row["output folder"] == str(out)
 

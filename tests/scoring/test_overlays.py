@@ -129,6 +129,27 @@ def test_write_overlays_writes_the_flagged_images_under_their_relative_names(tmp
         np.testing.assert_array_equal(np.asarray(png.convert("RGB")), np.asarray(expected))
 
 
+def test_every_writes_the_good_images_overlays_too_with_their_normal_verdict(tmp_path):
+    names = ["good/000.png", "crack/000.png"]
+    sources = [picture(seed=i) for i in range(2)]
+    scores = Scores(
+        index=np.array([0, 1]),
+        level_scores=np.zeros((2, 1)),
+        maps=np.stack([hot_map(), hot_map() * 2]),
+        scores=np.array([1.0, 6.0]),
+        is_anomaly=np.array([False, True]),
+        normalized=np.array([0.4, 0.99]),
+    )
+    flagged = write_overlays(scores, sources, names, tmp_path / "a", "maps", NORMAL, 4.0)
+    every = write_overlays(scores, sources, names, tmp_path / "b", "maps", NORMAL, 4.0, every=True)
+    assert set(flagged) == {1} and set(every) == {0, 1}
+    with Image.open(tmp_path / "b" / every[0]) as png:
+        expected = annotated(
+            Image.fromarray(sources[0]), scores.maps[0], NORMAL, Verdict(1.0, 4.0, 0.4, False)
+        )
+        np.testing.assert_array_equal(np.asarray(png.convert("RGB")), np.asarray(expected))
+
+
 def test_without_decisions_nothing_is_written_and_without_maps_it_refuses(tmp_path):
     scores = Scores(index=np.arange(1), level_scores=np.zeros((1, 1)), maps=hot_map()[None])
     assert write_overlays(scores, [picture()], ["a.png"], tmp_path, "maps") == {}
