@@ -11,6 +11,7 @@ The library (no Prefect imports), in subpackages by concern:
 - ``detection``: the Detector (fit, calibrate, score) and its Scores;
 - ``scoring``: score tables, map overlays, scoring-run shards;
 - ``evaluation``: evaluation, configuration selection, the HTML report;
+- ``export``: the detector as one ONNX graph, and scoring with it in onnxruntime;
 - ``registry``: MLflow models, versions, aliases and promotion.
 
 The names below are imported lazily, so ``import gaussian_ad`` stays cheap (no torch).

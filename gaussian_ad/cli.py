@@ -12,15 +12,29 @@ from typing import Annotated
 
 import typer
 
+from gaussian_ad.cli_errors import DEBUG_ENV, PlainErrorsGroup, bounded_exit, write_stdout
+
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see backbones.models
 
 app = typer.Typer(
+    cls=PlainErrorsGroup,  # errors as one line, tracebacks with --debug: see cli_errors
     help="Anomaly detection with a Gaussian on pretrained deep features (Rippel et al. 2020).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show the traceback of an error, not one line")
+    ] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
 
 BackboneOpt = Annotated[str, typer.Option(help="lite0-2, b0-b7, resnet18/34/50")]
 LevelsOpt = Annotated[str, typer.Option(help='levels to use: "1-9", "7", "3,5,7"')]
@@ -257,9 +271,11 @@ def fit(
     """
     from gaussian_ad.data.images import folder_manifest, mvtec_manifest
     from gaussian_ad.detection.detector import Detector
+    from gaussian_ad.preflight import writable_file
 
     if (data_root is None) == (store is None):
         raise typer.BadParameter("give DATA_ROOT or --store (not both)")
+    writable_file(out, "--out")
     if store is not None:
         from gaussian_ad.store.feature_store import FeatureStore
 
@@ -323,19 +339,33 @@ def score(
         Path | None,
         typer.Option(help="write anomaly-map overlays of the flagged images to this folder"),
     ] = None,
+    all_maps: Annotated[
+        bool, typer.Option(help="with --maps: overlays of every image, the good ones too")
+    ] = False,
     device: DeviceOpt = None,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
 ) -> None:
-    """Score images with a saved model: path, score, per-level scores, is_anomaly."""
+    """Score images with a saved model: path, score, per-level scores, is_anomaly; an
+    unreadable image is a row with its reason."""
     from dataclasses import replace
 
+    from gaussian_ad.preflight import writable_file, writable_folder
+    from gaussian_ad.scoring.tables import check_table_path
+
+    if out is not None:  # where the rows go, before any image is decoded
+        writable_file(check_table_path(out), "--out")
+    if maps is not None:
+        writable_folder(maps, "--maps folder")
+    elif all_maps:
+        raise typer.BadParameter("--all-maps: give the --maps folder to write them to")
     with _loading():
         from gaussian_ad.data.images import scan_images
         from gaussian_ad.detection.detector import Detector
         from gaussian_ad.scoring.outputs import score_rows
-        from gaussian_ad.scoring.tables import write_table
+        from gaussian_ad.scoring.tables import score_table, with_error_rows, write_table
 
+        records, rejected = scan_images(paths)
         _, loader = _configs(device=device, batch_size=batch_size, workers=workers)
         detector = Detector.load(model, loader)
         detector.backbone_module()
@@ -345,19 +375,55 @@ def score(
         detector.calibration_ = replace(detector.calibration_, threshold=threshold)
     if detector.threshold is None:
         typer.secho("this model has no threshold: is_anomaly is left empty", fg="yellow", err=True)
-    records, rejected = scan_images(paths)
+    # A model that cannot give its score says so before the backbone pass, not after it.
+    score_table([], detector.decide(detector.empty_scores()), detector.config.image_levels)
     files = [r.path for r in records]
-    table, errors, n_maps = score_rows(detector, files, files, maps, ".", progress=True)
+    table, errors, n_maps = score_rows(
+        detector, files, files, maps, ".", progress=True, all_maps=all_maps
+    )
     errors = rejected + errors
     if maps is not None:
         table["map"] = [str(maps / name) if name else "" for name in table["map"]]
         typer.echo(f"wrote {n_maps} overlay(s) to {maps}")
+    table = with_error_rows(table, errors)
     if out is None:
-        typer.echo(table.to_string(index=False))
+        write_stdout(table.to_string(index=False))  # in one go at the end, every byte checked
     else:
         write_table(table, out)
-        typer.echo(f"wrote {len(table)} rows to {out}")
+        typer.echo(f"wrote {len(table)} rows ({len(errors)} unreadable) to {out}")
     _report_errors(errors)
+
+
+@app.command("export")
+def export_model(
+    model: Annotated[str, typer.Argument(help="a model file or models:/NAME@ALIAS")],
+    out: Annotated[Path, typer.Argument(help="the .onnx file to write")],
+    check: Annotated[
+        list[Path] | None,
+        typer.Option(help="images the export's self-check scores (default: two generated)"),
+    ] = None,
+) -> None:
+    """Export a model to one ONNX graph: uint8 images (N, S, S, 3) in, score, image_score,
+    patch_score, normalized_score, is_anomaly, map out; written only if onnxruntime's
+    scores agree with the torch path's."""
+    with _loading():
+        from gaussian_ad.config import LoaderOptions
+        from gaussian_ad.export.onnx import OnnxCheckError, export_onnx
+        from gaussian_ad.registry.mlflow_model import load_detector
+
+        detector = load_detector(model, LoaderOptions(device="cpu"))
+    try:
+        result = export_onnx(detector, out, check_images=check)
+    except OnnxCheckError as error:
+        typer.secho(f"refused: {error}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    errors = result.check.errors
+    typer.echo(
+        f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, input "
+        f"{detector.config.image_size} px); onnxruntime against torch on "
+        f"{result.check.n_images} images: "
+        + ", ".join(f"{name} {value:.2g}" for name, value in errors.items())
+    )
 
 
 @app.command()
@@ -387,6 +453,10 @@ def evaluate(
     (summed and per level; with --patch also patch, fused, pixel AUROC and PRO)."""
     from gaussian_ad.data.images import mvtec_categories
     from gaussian_ad.evaluation.evaluate import evaluate_category, summary
+    from gaussian_ad.preflight import writable_file
+
+    if json_out:
+        writable_file(json_out, "--json")
 
     config, loader = _configs(
         backbone,
@@ -452,6 +522,10 @@ def select_configuration(
     """
     from gaussian_ad.data.images import mvtec_manifest
     from gaussian_ad.evaluation.selection import select_on_normals
+    from gaussian_ad.preflight import writable_file
+
+    if json_out:
+        writable_file(json_out, "--json")
 
     if n_per_kind < 1:
         raise typer.BadParameter(f"n-per-kind: must be >= 1, got {n_per_kind}")
@@ -568,10 +642,11 @@ def train(
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise typer.BadParameter(problems) from None
-    from gaussian_ad_flows.runtime import prefect_api
+    from gaussian_ad_flows.runtime import check_before_run, prefect_api
     from gaussian_ad_flows.train import train_all
 
-    with prefect_api():
+    check_before_run(dask_address=dask_address)
+    with bounded_exit(), prefect_api():
         train_all(str(data_root), category or None, dask_address, options)
 
 
@@ -589,6 +664,9 @@ def score_archive(
     maps: Annotated[
         bool, typer.Option(help="write anomaly-map overlays of the images above the threshold")
     ] = False,
+    all_maps: Annotated[
+        bool, typer.Option(help="overlays of every image, the good ones too (implies --maps)")
+    ] = False,
     device: DeviceOpt = None,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
@@ -599,13 +677,17 @@ def score_archive(
     if (model is None) == (category is None):
         raise typer.BadParameter("give --model or --category (one of them)")
     _, loader = _configs(device=device, batch_size=batch_size, workers=workers)
-    from gaussian_ad_flows.runtime import prefect_api
+    from gaussian_ad_flows.runtime import check_before_run, prefect_api
     from gaussian_ad_flows.score import score as score_flow
 
+    from gaussian_ad.preflight import writable_folder
     from gaussian_ad.scoring.run import RunConflict
 
+    writable_folder(out, "--out")
+    local_file = model is not None and "://" not in model and Path(model).is_file()
+    check_before_run(mlflow=not local_file)
     try:
-        with prefect_api():
+        with bounded_exit(), prefect_api():
             score_flow(
                 source,
                 model=model,
@@ -613,7 +695,7 @@ def score_archive(
                 out=str(out),
                 shard_size=shard_size,
                 loader=loader,
-                maps=maps,
+                maps="all" if all_maps else maps,
             )
     except RunConflict as conflict:
         typer.secho(f"refused: {conflict}", fg="red", err=True)
@@ -642,6 +724,29 @@ def serve(
     )
 
 
+@app.command("report")
+def open_report(
+    model: Annotated[
+        str, typer.Argument(help="a category (its champion), or models:/NAME@ALIAS, models:/NAME/N")
+    ],
+    open_: Annotated[bool, typer.Option("--open", help="open it in the web browser")] = False,
+) -> None:
+    """Print where a registered version's HTML report is (a category: its champion's)."""
+    import webbrowser
+
+    import mlflow
+    from gaussian_ad_flows.runtime import tracking_uri, work_dir
+
+    from gaussian_ad.registry.mlflow_model import report_file, requested_model
+
+    uri = model if model.startswith("models:/") else requested_model(None, model)
+    mlflow.set_tracking_uri(tracking_uri())
+    path, page = report_file(uri, work_dir() / "reports")
+    typer.echo(f"{uri}: {path}" + (f"\nMLflow: {page}" if page else ""))
+    if open_:
+        webbrowser.open(Path(path).resolve().as_uri())
+
+
 @app.command()
 def demo(out_dir: Annotated[Path, typer.Argument(help="where the demo writes")] = Path("demo")):
     """Synthetic data -> train_all -> registry -> score a tar archive, on embedded services."""
@@ -651,11 +756,12 @@ def demo(out_dir: Annotated[Path, typer.Argument(help="where the demo writes")] 
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from gaussian_ad_flows.demo import run_demo
-    from gaussian_ad_flows.runtime import prefect_api
+    from gaussian_ad_flows.runtime import check_before_run, prefect_api
 
-    with prefect_api():
+    check_before_run()
+    with bounded_exit(), prefect_api():
         run_demo(out_dir)
 
 
 if __name__ == "__main__":
-    app()
+    app(prog_name="gaussian-ad")

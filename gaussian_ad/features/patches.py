@@ -30,20 +30,28 @@ def patch_features(
     Each level's chosen channels (``channel_index`` indexes the concatenation of all levels'
     channels, sorted) are resized bilinearly (align_corners=False) to grid x grid.
     """
+    return patch_tensor(backbone_maps, grid, channel_index).cpu().numpy()
+
+
+def patch_tensor(
+    backbone_maps: Sequence[torch.Tensor], grid: int, channel_index: np.ndarray
+) -> torch.Tensor:
+    """:func:`patch_features` as a float32 tensor on the maps' device (also what the ONNX
+    export traces)."""
     channel_index = np.asarray(channel_index)
     parts, offset = [], 0
     for level_map in backbone_maps:
-        channels = level_map.shape[1]
+        channels = int(level_map.shape[1])  # static: also when traced for export
         local = channel_index[(channel_index >= offset) & (channel_index < offset + channels)]
         offset += channels
         if local.size == 0:
             continue
         index = torch.as_tensor(local - (offset - channels), device=level_map.device)
         selected = level_map.index_select(1, index).float()
-        if selected.shape[-2:] != (grid, grid):
+        if tuple(map(int, selected.shape[-2:])) != (grid, grid):
             selected = F.interpolate(selected, size=(grid, grid), mode="bilinear")
         parts.append(selected)
     if offset <= int(channel_index.max()):
         raise ValueError(f"channel index {channel_index.max()} out of range ({offset} channels)")
     stacked = torch.cat(parts, dim=1)  # (B, d, grid, grid)
-    return stacked.permute(0, 2, 3, 1).reshape(stacked.shape[0], grid * grid, -1).cpu().numpy()
+    return stacked.permute(0, 2, 3, 1).reshape(stacked.shape[0], grid * grid, -1)

@@ -370,15 +370,21 @@ class PatchGaussian(Estimator):
         smoothed with a Gaussian of ``sigma`` pixels (None: ``size / grid_``, one cell); an
         image's score is its map's maximum.
         """
+        axis = self.map_matrix(size)
+        with threadpool_limits(1, user_api="blas"):
+            maps = axis @ self.score_maps(features) @ axis.T
+        return maps.reshape(len(maps), -1).max(axis=1), maps.astype(np.float32)
+
+    def map_matrix(self, size: int) -> np.ndarray:
+        """(size, grid_) read-only float64: the score grid's bilinear upsampling to
+        size x size and Gaussian smoothing (``sigma`` pixels; None: one cell), along one
+        axis. An anomaly map is ``A @ score_map @ A.T``."""
         check_fitted(self, "means_", NOT_FITTED)
         self._check_params()  # sigma is used here, so a set_params after fit is checked too
         sigma = size / self.grid_ if self.sigma is None else float(self.sigma)
         # Upsampling and smoothing are linear: one (size, grid) matrix per axis does both
         # (scipy's gaussian_filter on the upsampled map, in two small products).
-        axis = _map_matrix(self.grid_, int(size), sigma)
-        with threadpool_limits(1, user_api="blas"):
-            maps = axis @ self.score_maps(features) @ axis.T
-        return maps.reshape(len(maps), -1).max(axis=1), maps.astype(np.float32)
+        return _map_matrix(self.grid_, int(size), sigma)
 
     # ------------------------------------------------------------- persistence
     def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
