@@ -30,8 +30,14 @@ import dask
 from prefect.context import FlowRunContext
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect_dask import DaskTaskRunner
+
+from gaussian_ad import preflight
+
+DRAIN_AFTER_FAILURE = 3.0
+"""Seconds the temporary Prefect server waits for Prefect's log and event workers after a
+failure or an interrupt before it stops."""
 
 
 def work_dir(path: str | None = None) -> Path:
@@ -88,13 +94,32 @@ def dask_runner(address: str | None = None) -> DaskTaskRunner:
     )
 
 
+def check_before_run(mlflow: bool = True, dask_address: str | None = None) -> None:
+    """Check, before a flow starts, where it writes (the work folder; ``PREFECT_HOME`` for
+    the temporary server) and the services it talks to (MLflow when ``mlflow``, a Prefect
+    API, a Dask scheduler): a :class:`~gaussian_ad.preflight.PreflightError` says which
+    fails. MLflow's retries of a server lost later are bounded too."""
+    preflight.bound_mlflow_retries()
+    preflight.writable_folder(work_dir(), "GAUSSIAN_AD_HOME")
+    if api := PREFECT_API_URL.value():
+        preflight.prefect_answers(api)
+    else:  # the temporary server keeps its database there
+        preflight.writable_folder(PREFECT_HOME.value(), "PREFECT_HOME")
+    if mlflow:
+        preflight.mlflow_answers(os.environ.get("MLFLOW_TRACKING_URI"))
+    preflight.dask_answers(dask_address or os.environ.get("GAUSSIAN_AD_DASK_ADDRESS"))
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
     """Prefect's API for this process: ``PREFECT_API_URL`` when set, else a temporary server
     on 127.0.0.1 that lives exactly as long as this process.
 
     Prefect's own ephemeral server outlives a parent killed with SIGKILL; this one is
-    started with ``PR_SET_PDEATHSIG``, so the kernel stops it when its parent dies.
+    started with ``PR_SET_PDEATHSIG``, so the kernel stops it when its parent dies. Before
+    it stops, what Prefect's log and event workers hold is sent, also after a failure
+    (then for at most :data:`DRAIN_AFTER_FAILURE` seconds): workers left holding records
+    for a stopped server retry it for minutes at exit.
     """
     if url := PREFECT_API_URL.value():  # set in the environment, a profile or a test harness
         yield url
@@ -110,10 +135,14 @@ def prefect_api() -> Iterator[str]:
     try:
         _wait_healthy(url, process)
         with temporary_settings({PREFECT_API_URL: url}):
-            yield url
-            # What Prefect's log and event workers still hold goes out while the server lives.
-            APILogWorker.drain_all(timeout=30)
-            EventsWorker.drain_all(timeout=30)
+            failed = True
+            try:
+                yield url
+                failed = False
+            finally:
+                timeout = DRAIN_AFTER_FAILURE if failed else 30
+                APILogWorker.drain_all(timeout=timeout)
+                EventsWorker.drain_all(timeout=timeout)
     finally:
         process.terminate()
         try:

@@ -76,23 +76,47 @@ class ScoringRun:
 @contextlib.contextmanager
 def claim(out: Path) -> Iterator[None]:
     """Hold ``out`` for this process: a second run on it is refused while this one lives
-    (an exclusive ``flock``, released by the kernel even on kill -9)."""
+    (an exclusive ``flock``, released by the kernel even on kill -9). Once held, the
+    temporary files a killed run left are removed; the lock file goes when the run ends."""
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = out / LOCK_FILE
+    fd = _lock(lock, out)
     try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        _remove_temporaries(out)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while held: a waiting opener sees a stale inode
+        os.close(fd)
+
+
+def _lock(lock: Path, out: Path) -> int:
+    """An open descriptor of ``lock`` holding its exclusive ``flock``, or RunConflict."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise RunConflict(
                 f"{out}: another scoring run is using this folder ({holder}); wait for it "
                 "or choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # removed by the run that just ended: lock the new file instead
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Remove the ``.<name>.tmp`` files of writes that a killed run never finished."""
+    for tmp in out.rglob(".*.tmp"):
+        logger.info("removing %s, left by an unfinished write", tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def open_run(
@@ -116,6 +140,7 @@ def open_run(
     if record.exists():
         run = ScoringRun.from_dict(json.loads(record.read_text()))
         _check_same(run, out, source, model, shard_size, maps)
+        _check_model_file(run.model, out)
         items, errors = _read_listing(out)
         if _digest(items) != run.listing_sha256 or len(items) != run.n_items:
             raise RunConflict(f"{out}: {MANIFEST} no longer matches {RUN_FILE}; start afresh")
@@ -147,8 +172,12 @@ def open_run(
         listing_sha256=_digest(items),
     )
     tmp = record.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(run.to_dict(), indent=2))
-    tmp.replace(record)
+    try:
+        tmp.write_text(json.dumps(run.to_dict(), indent=2))
+        tmp.replace(record)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return run, items, errors
 
 
@@ -171,6 +200,31 @@ def _check_same(
         raise RunConflict(
             f"{out} holds a scoring run that this one differs from: {'; '.join(differences)}. "
             "Rerun with the run's settings to continue it, or choose another out."
+        )
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256: how a run pins a model file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _check_model_file(model: PinnedModel, out: Path) -> None:
+    """Refuse to continue a run whose pinned model file was replaced since it started
+    (its rows would mix two models under one digest)."""
+    if not model.version or model.uri.startswith(("models:/", "runs:/")):
+        return
+    if not Path(model.uri).is_file():
+        return  # loading it says that it is missing
+    now = file_digest(model.uri)
+    if now != model.version:
+        raise RunConflict(
+            f"{out}: the run is pinned to the model file {model.uri} with digest "
+            f"{model.version}, but the file now has digest {now} (replaced since the run "
+            "started); restore that file, or score into another out"
         )
 
 

@@ -49,16 +49,49 @@ def error_table(errors: Sequence[ImageError]) -> pd.DataFrame:
     return pd.DataFrame({"path": [e.path for e in errors], "reason": [e.reason for e in errors]})
 
 
-def write_table(table: pd.DataFrame, path: str | Path) -> Path:
-    """Write .csv or .parquet atomically (a temporary file renamed into place)."""
+TABLE_FORMATS = (".csv", ".parquet")
+
+
+def check_table_path(path: str | Path) -> Path:
+    """``path`` if it names a table format :func:`write_table` writes, else ValueError."""
     path = Path(path)
+    if path.suffix not in TABLE_FORMATS:
+        raise ValueError(
+            f"{path}: unsupported table format {path.suffix or '(no suffix)'!r} "
+            f"(use {' or '.join(TABLE_FORMATS)})"
+        )
+    return path
+
+
+def with_error_rows(table: pd.DataFrame, errors: Sequence[ImageError]) -> pd.DataFrame:
+    """The score rows followed by one row per unreadable image (path, empty scores, its
+    reason), with a ``reason`` column that is empty for the scored rows."""
+    table = table.assign(reason="")
+    if not errors:
+        return table
+    table = pd.concat([table, error_table(errors)], ignore_index=True)
+    table["is_anomaly"] = table["is_anomaly"].astype("boolean")  # missing for error rows
+    return table
+
+
+def write_table(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write .csv or .parquet atomically (a temporary file renamed into place; removed if
+    the write fails, so that a failed write leaves nothing that looks like a result)."""
+    path = check_table_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".parquet":
-        table.to_parquet(tmp, index=False)
-    elif path.suffix == ".csv":
-        table.to_csv(tmp, index=False)
-    else:
-        raise ValueError(f"{path}: unsupported table format (use .csv or .parquet)")
-    tmp.replace(path)
+    try:
+        if path.suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
+        tmp.replace(path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.filename is None:  # a write error says which file it was writing
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

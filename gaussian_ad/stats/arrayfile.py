@@ -18,12 +18,16 @@ def write_arrays(path: str | Path, arrays: dict[str, np.ndarray], key: str, head
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-        str(tmp),
-        metadata={key: json.dumps(header)},
-    )
-    tmp.replace(path)
+    try:
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+            str(tmp),
+            metadata={key: json.dumps(header)},
+        )
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
