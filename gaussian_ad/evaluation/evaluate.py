@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -38,7 +38,9 @@ from gaussian_ad.stats.metrics import (
 )
 from gaussian_ad.stats.patch_gaussian import upsample_bilinear
 from gaussian_ad.stats.thresholds import empirical_threshold, observed_rate, sigma_to_fpr
-from gaussian_ad.store.feature_store import FeatureStore
+
+if TYPE_CHECKING:  # the store imports Dask, distributed and Zarr: only where a store is read
+    from gaussian_ad.store.feature_store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
