@@ -22,6 +22,20 @@ correlation of their test scores.
     .venv/bin/python bench/compare.py [--n-train 120] [--n-test-good 15]
         [--n-test-per-defect 10] [--repeats 3] [--threads N] [--workers 2] [--batch-size 16]
         [--sources png,jpeg]
+
+``--whole`` times what a user pays instead: whole processes, from start to exit, alternating,
+of ``gaussian-ad evaluate ROOT --category C`` with the paper's configuration (``--no-patch
+--input-size 224 --sum-levels``; ``--project-args`` to change it) against a naive one-file
+script doing the same work (:func:`run_naive_whole`: list the MVTec-layout folders, decode in
+the main thread, forward with hooks, scikit-learn ``LedoitWolf`` per level, summed
+Mahalanobis, ``roc_auc_score`` of the sum and of each level, printed). ROOT is ``--data``
+(an MVTec-layout folder, e.g. /work/shared/devdata/visa; ``--n-train`` and ``--n-test``
+images of ``--category`` are linked into a temp folder) or, without it, the synthetic
+category as PNG 900x900. Prints the machine, the load before and after, medians, the
+ratios project / naive (CPU, wall) and both AUROCs.
+
+    .venv/bin/python bench/compare.py --whole [--data ROOT --category C] [--n-train 120]
+        [--n-test 45] [--repeats 3] [--project-args "..."]
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -41,6 +56,9 @@ CATEGORY = "disc"
 SOURCES = {"png": ("png", (900, 900)), "jpeg": ("jpg", (1500, 1000))}
 # Targets of issue 13: project / naive.
 TARGETS = {"png": {"cpu_per_image": 0.7, "wall": 0.67}, "jpeg": {"wall": 0.5}}
+# Issue 23: whole processes, project / naive.
+WHOLE_TARGETS = {"cpu": 0.7, "wall": 0.67}
+PAPER_ARGS = "--no-patch --input-size 224 --sum-levels"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -59,7 +77,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run the naive loop with OMP_WAIT_POLICY=PASSIVE too (default: as a plain script)",
     )
-    parser.add_argument("--child", choices=("project", "naive"), help=argparse.SUPPRESS)
+    parser.add_argument("--whole", action="store_true", help="time whole CLI processes")
+    parser.add_argument("--data", help="--whole: an MVTec-layout root (default: synthetic)")
+    parser.add_argument("--category", default=CATEGORY, help="--whole: the category")
+    parser.add_argument("--n-test", type=int, default=45, help="--whole --data: test images")
+    parser.add_argument(
+        "--project-args", default=PAPER_ARGS, help="--whole: options of gaussian-ad evaluate"
+    )
+    parser.add_argument(
+        "--child", choices=("project", "naive", "naive-whole"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -182,6 +209,68 @@ def run_naive(args: argparse.Namespace) -> dict:
         scores,
         labels,
     )
+
+
+def run_naive_whole(args: argparse.Namespace) -> None:
+    """The naive one-file script of ``--whole``: the same evaluation, plainly written."""
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+    from sklearn.covariance import LedoitWolf
+    from sklearn.metrics import roc_auc_score
+
+    from gaussian_ad.backbones.models import lite_package_weights, load_weights_file
+    from gaussian_ad.backbones.specs import BACKBONES
+
+    folder = Path(args.root) / args.category
+    images = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+    train = sorted(str(p) for p in (folder / "train" / "good").iterdir())
+    train = [p for p in train if p.lower().endswith(images)]
+    test, labels = [], []
+    for defect in sorted((folder / "test").iterdir()):
+        for path in sorted(defect.iterdir()):
+            if path.suffix.lower() in images:
+                test.append(str(path))
+                labels.append(int(defect.name != "good"))
+    spec = BACKBONES[args.backbone]
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    load_weights_file(model, lite_package_weights(args.backbone))
+    model.eval()
+    taps = [model.bn1, *model.blocks, model.bn2]
+    pooled: list[torch.Tensor] = []
+    for tap in taps:
+        tap.register_forward_hook(lambda _m, _i, out: pooled.append(out.mean(dim=(2, 3))))
+    mean, std = np.array(spec.mean, np.float32), np.array(spec.std, np.float32)
+    size = spec.image_size
+
+    def features(paths: list[str]) -> list[np.ndarray]:
+        per_level: list[list[np.ndarray]] = [[] for _ in taps]
+        for start in range(0, len(paths), args.batch_size):
+            pixels = []
+            for path in paths[start : start + args.batch_size]:
+                with Image.open(path) as image:
+                    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                pixels.append((np.asarray(rgb, np.float32) / 255.0 - mean) / std)
+            x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+            pooled.clear()
+            with torch.inference_mode():
+                model(x)
+            for level, vectors in zip(per_level, pooled, strict=True):
+                level.append(vectors.numpy().astype(np.float64))
+        return [np.concatenate(level) for level in per_level]
+
+    fitted = [LedoitWolf().fit(x) for x in features(train)]
+    levels = np.stack(
+        [np.sqrt(lw.mahalanobis(x)) for lw, x in zip(fitted, features(test), strict=True)], 1
+    )
+    result = {
+        "auroc": float(roc_auc_score(labels, levels.sum(1))),
+        "auroc_levels": [float(roc_auc_score(labels, column)) for column in levels.T],
+    }
+    print(json.dumps(result))
+    if args.result:
+        Path(args.result).write_text(json.dumps(result))
 
 
 # ------------------------------------------------------------------ the parent
@@ -326,14 +415,131 @@ def report(source: str, runs: dict[str, list[dict]]) -> dict[str, float]:
     return ratios
 
 
+def subsample(data: Path, category: str, n_train: int, n_test: int, folder: Path) -> Path:
+    """An MVTec-layout copy of ``n_train`` train/good and ``n_test`` test images of
+    ``category`` (a third good, the rest spread over the defect folders, each with its
+    masks), as symbolic links under ``folder``; returns its root."""
+    source, target = data / category, folder / "data" / category
+
+    def link(paths: list[Path]) -> None:
+        for path in paths:
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.symlink_to(path.resolve())
+
+    link(sorted((source / "train" / "good").iterdir())[:n_train])
+    defects = sorted(d for d in (source / "test").iterdir() if d.name != "good")
+    link(sorted((source / "test" / "good").iterdir())[: n_test // 3])
+    bad = n_test - n_test // 3
+    for i, defect in enumerate(defects):
+        chosen = sorted(defect.iterdir())[: bad // len(defects) + (i < bad % len(defects))]
+        link(chosen)
+        masks = source / "ground_truth" / defect.name
+        for image in chosen:
+            link(sorted(masks.glob(f"{image.stem}*")) if masks.is_dir() else [])
+    return folder / "data"
+
+
+def measure_whole(kind: str, root: Path, args: argparse.Namespace, folder: Path) -> dict:
+    """One whole process, start to exit: its rusage (os.wait4), wall and AUROC."""
+    result = folder / f"{kind}-whole.json"
+    if kind == "project":
+        command = [str(Path(sys.executable).parent / "gaussian-ad"), "evaluate", str(root)]
+        command += ["--category", args.category, "--backbone", args.backbone]
+        command += ["--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+        command += [*shlex.split(args.project_args), "--json", str(result)]
+    else:
+        command = [sys.executable, __file__, "--child", "naive-whole", "--root", str(root)]
+        command += ["--category", args.category, "--backbone", args.backbone]
+        command += ["--batch-size", str(args.batch_size), "--result", str(result)]
+    env = dict(os.environ)
+    if kind == "naive" and args.naive_passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    start = time.perf_counter()
+    log = folder / f"{kind}-whole.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{kind}: {shlex.join(command)} failed ({status}):\n{tail}")
+    report = json.loads(result.read_text())
+    if kind == "project":
+        row = report["categories"][args.category]
+        report = {"auroc": row["auroc"], "auroc_levels": row["auroc_levels"]}
+    return {
+        **report,
+        "user": usage.ru_utime,
+        "sys": usage.ru_stime,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "wall": wall,
+        "peak_mb": usage.ru_maxrss / 1024,
+    }
+
+
+def whole(args: argparse.Namespace, summary: str) -> dict[str, float]:
+    """``--whole``: alternating whole processes, medians and ratios project / naive."""
+    with tempfile.TemporaryDirectory(prefix="bench-whole-") as tmp:
+        folder = Path(tmp)
+        if args.data:
+            root = subsample(Path(args.data), args.category, args.n_train, args.n_test, folder)
+            source = f"{args.data}/{args.category}"
+        else:
+            args.category = CATEGORY
+            root = write_sources(args, folder, ["png"])["png"]
+            source = "synthetic PNG 900x900"
+        n_train = len(list((root / args.category / "train" / "good").iterdir()))
+        n_test = sum(1 for p in (root / args.category / "test").rglob("*") if p.is_file())
+        print(summary)
+        print(
+            f"{source}: {n_train} train + {n_test} test images; project: gaussian-ad evaluate "
+            f"{args.project_args}; backbone {args.backbone}, batch {args.batch_size}; naive "
+            f"OMP_WAIT_POLICY {'PASSIVE' if args.naive_passive else 'as set (default ACTIVE)'}"
+        )
+        runs: dict[str, list[dict]] = {"naive": [], "project": []}
+        for repeat in range(args.repeats):
+            order = ("naive", "project") if repeat % 2 == 0 else ("project", "naive")
+            for kind in order:
+                run = measure_whole(kind, root, args, folder)
+                runs[kind].append(run)
+                print(f"  {kind:<8} CPU {run['cpu']:6.1f} s  wall {run['wall']:6.1f} s", flush=True)
+    keys = [("process CPU s (user+sys)", "cpu"), ("  user s", "user"), ("  sys s", "sys")]
+    keys += [("process wall s", "wall"), ("peak RSS MB", "peak_mb")]
+    medians = {
+        kind: {key: statistics.median(r[key] for r in kind_runs) for _, key in keys}
+        for kind, kind_runs in runs.items()
+    }
+    ratios = {key: medians["project"][key] / medians["naive"][key] for _, key in keys}
+    print(f"\n== whole processes, medians of {args.repeats} alternating runs ==")
+    print(f"{'':<28}{'naive':>10}{'project':>10}{'ratio':>8}")
+    for label, key in keys:
+        naive, project = medians["naive"][key], medians["project"][key]
+        print(f"{label:<28}{naive:>10.2f}{project:>10.2f}{ratios[key]:>8.2f}")
+    naive, project = runs["naive"][0], runs["project"][0]
+    print(f"AUROC (sum of levels): naive {naive['auroc']:.4f}, project {project['auroc']:.4f}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for key, target in WHOLE_TARGETS.items():
+        met = "met" if ratios[key] <= target else "NOT met"
+        print(f"target: whole-process {key} ratio <= {target}: {ratios[key]:.2f} {met}")
+    return ratios
+
+
 def main() -> None:
     args = parse_args()
+    if args.child == "naive-whole":
+        run_naive_whole(args)
+        return
     if args.child is not None:
         result = run_project(args) if args.child == "project" else run_naive(args)
         Path(args.result).write_text(json.dumps(result))
         return
     sys.path.insert(0, str(Path(__file__).parent))
     from machine import machine_summary
+
+    if args.whole:
+        whole(args, machine_summary())
+        return
 
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     unknown = sorted(set(sources) - set(SOURCES))
