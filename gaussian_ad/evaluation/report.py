@@ -81,7 +81,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; } #chi2 td { whi
 .config { color: #555; margin: 0 0 .3em; font-size: 13px; }
 .jump { margin: .4em 0; } .jump a { color: #1f5fa8; }
 .breakdown { margin-top: .3em; color: #333; } .breakdown details { color: #555; }
-.why { color: #8a3b00; }
+.why { display: block; color: #8a3b00; }
 figure { margin: 0; }
 .item { display: flex; gap: 4px; align-items: flex-start; border: 1px solid #ddd;
         padding: 4px; }
@@ -1015,7 +1015,7 @@ def _breakdown(
     )
     lines.append(f"<details><summary>distance per level</summary>{levels}</details>")
     why = _why(kind, flagged, parts, anomaly_map, value_range) if threshold is not None else ""
-    why = f'<br><span class="why">{why}</span>' if why else ""
+    why = f'<span class="why">{why}</span>' if why else ""
     return f'<div class="breakdown">{"<br>".join(lines)}{why}</div>'
 
 
@@ -1031,7 +1031,12 @@ def _why(
     if anomaly_map is not None and np.isfinite(anomaly_map).any():
         low, high = value_range
         peak = (float(np.nanmax(anomaly_map)) - low) / max(high - low, 1e-12)
-        look = "stays blue" if peak < 0.25 else ("glows red" if peak >= 0.75 else "")
+        if peak < 0.25:
+            look = "stays blue"
+        elif peak < 0.5:
+            look = "stays cool (no spot beyond cyan)"
+        else:
+            look = "glows red" if peak >= 0.75 else ""
     if kind == "patch":
         return f"{'flagged' if flagged else 'passed'} by its map's hottest spot"
     if kind == "fused" and parts is not None:

