@@ -740,6 +740,7 @@ def open_report(
     from gaussian_ad.registry.mlflow_model import report_file, requested_model
 
     uri = model if model.startswith("models:/") else requested_model(None, model)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one clean line
     mlflow.set_tracking_uri(tracking_uri())
     path, page = report_file(uri, work_dir() / "reports")
     typer.echo(f"{uri}: {path}" + (f"\nMLflow: {page}" if page else ""))

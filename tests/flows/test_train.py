@@ -92,6 +92,9 @@ def test_training_registers_a_tagged_champion(trained, mlflow_uri):
     assert int(tags["n_train"]) == 25  # every train/good image (calibrated out of fold)
     assert len(tags["data_fingerprint"]) == 16
     assert tags["promoted"] == "True"
+    # Among the first five tags by name, the ones MLflow's UI shows:
+    assert sorted(tags).index("decision") < 5
+    assert tags["decision"] == f"promoted; flagged when fused score > {trained['threshold']:.6g}"
     run = client.get_run(trained["run_id"])
     assert run.data.metrics["auroc"] == pytest.approx(trained["auroc"])
     assert set(run.data.metrics) == HEADLINE_METRICS
@@ -213,6 +216,28 @@ def test_logged_report_shows_the_registry_verdict(trained, mlflow_uri, tmp_path)
     assert f'<b id="threshold">{trained["threshold"]:.6g}</b>' in text
     # Its target FPR came from the detector's calibration.
     assert "for a target FPR of 0.01" in text
+
+
+def test_cli_report_prints_where_the_champions_report_is(
+    trained, mlflow_uri, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from gaussian_ad.cli import app
+
+    monkeypatch.setenv("GAUSSIAN_AD_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["report", CATEGORY])
+    assert result.exit_code == 0, result.output
+    first, page = result.output.splitlines()  # no download progress bar in between
+    assert first.startswith(f"models:/{NAME}@champion: ")
+    path = Path(first.split(": ", 1)[1])  # downloaded: the server keeps the artifacts
+    assert path.name == "report.html" and path.is_relative_to(tmp_path / "home" / "reports")
+    assert f"model version <b>{trained['version']}</b>" in path.read_text()
+    run = f"experiments/{trained['experiment_id']}/runs/{trained['run_id']}"
+    ml = "?workflowType=machine_learning"
+    assert page == f"MLflow: {mlflow_uri}/#/{run}/artifacts/report.html{ml}"
+    result = CliRunner().invoke(app, ["report", f"models:/{NAME}/{trained['version']}"])
+    assert result.exit_code == 0 and str(path.name) in result.output
 
 
 def test_pyfunc_champion_scores_like_the_detector(trained, small_dataset, mlflow_uri):
