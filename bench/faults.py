@@ -136,7 +136,7 @@ def main() -> None:
                              capture_output=True).returncode == 0  # fmt: skip
     full = root / "full"
     full.mkdir()
-    full_mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(full)],
+    full_mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)],
                                   capture_output=True).returncode == 0  # fmt: skip
     cap = options.cap
 
@@ -200,7 +200,7 @@ def main() -> None:
             sig=signal.SIGTERM,
         ),  # fmt: skip
         "score-archive rerun, model file replaced": replaced_model,
-        "score-archive, disk full (40 KB tmpfs)": lambda: run(
+        "score-archive, disk full (16 KB tmpfs)": lambda: run(
             [
                 "score-archive",
                 test,

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,7 +149,8 @@ def plain_errors() -> Iterator[None]:
         if isinstance(error, OSError) and error.filename == STDOUT:
             _silence_stdout()
         if debugging():
-            logging.getLogger("gaussian_ad").exception("the command failed")
+            with contextlib.suppress(OSError, ValueError):
+                traceback.print_exception(error, file=sys.stderr)
         code = getattr(error, "exit_code", 1)
         if _expected(error):
             _say(f"error: {describe(error)}")

@@ -49,8 +49,7 @@ def writable_folder(folder: str | Path, what: str = "output folder") -> Path:
         os.unlink(name)
     except OSError as error:
         reason = error.strerror or str(error)
-        where = f" ({error.filename})" if error.filename and Path(error.filename) != folder else ""
-        raise PreflightError(f"{what} {folder}: cannot write there: {reason}{where}") from None
+        raise PreflightError(f"{what} {folder}: cannot write there: {reason}") from None
     return folder
 
 
@@ -66,7 +65,7 @@ def writable_file(path: str | Path, what: str = "output file") -> Path:
 
 def service_answers(url: str, name: str, timeout: float = SERVICE_TIMEOUT) -> None:
     """Raise :class:`PreflightError` unless ``url`` answers HTTP within ``timeout`` seconds
-    (any status counts: the service is there)."""
+    (any status counts: the service is there); ``name`` says which service, and where."""
     try:
         with urllib.request.urlopen(url, timeout=timeout):
             pass
@@ -75,21 +74,20 @@ def service_answers(url: str, name: str, timeout: float = SERVICE_TIMEOUT) -> No
     except (OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
         raise PreflightError(
-            f"{name} at {url} does not answer within {timeout:g} s ({reason}); start it or "
-            "fix the address"
+            f"{name} does not answer within {timeout:g} s ({reason}); start it or fix the address"
         ) from None
 
 
 def mlflow_answers(uri: str | None, timeout: float = SERVICE_TIMEOUT) -> None:
     """Check an ``http(s)`` MLflow tracking URI (others are files or databases: no server)."""
     if uri and uri.startswith(("http://", "https://")):
-        service_answers(f"{uri.rstrip('/')}/health", "MLflow", timeout)
+        service_answers(f"{uri.rstrip('/')}/health", f"MLflow at {uri}", timeout)
 
 
 def prefect_answers(url: str | None, timeout: float = SERVICE_TIMEOUT) -> None:
     """Check a Prefect API URL (``.../api``) through its health endpoint."""
     if url:
-        service_answers(f"{url.rstrip('/')}/health", "the Prefect API", timeout)
+        service_answers(f"{url.rstrip('/')}/health", f"the Prefect API at {url}", timeout)
 
 
 def dask_answers(address: str | None, timeout: float = SERVICE_TIMEOUT) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -491,3 +492,239 @@ def test_a_stalled_read_ends_the_shard_not_the_run(models, small_dataset, tmp_pa
     assert (info["rows"], info["errors"]) == (2, len(items) - 2)
     errors = pd.read_parquet(tmp_path / "o" / "errors" / "part-00000.parquet")
     assert errors["reason"].str.contains("stalled for over 1 s").all()
+
+
+# --------------------------------------------------------------------------- second battery
+# Where output goes, failed writes, services that do not answer and signals (issue 26):
+# each error is one line naming the path or URL, a non-zero exit and no traceback.
+def one_line_error(result, decoded: bool = False) -> str:
+    """The CLI's error line, after checking that it failed plainly (and, unless
+    ``decoded``, before any image went through the backbone)."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output, result.output
+    assert decoded or "features:" not in result.output, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    return line
+
+
+@pytest.fixture
+def unwritable(tmp_path) -> Path:
+    """A folder nothing can be written to, root included: a read-only tmpfs where this
+    process may mount one, else a folder without write permission (not root), else a
+    "folder" under a regular file."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode == 0:
+        yield folder
+        subprocess.run(["umount", str(folder)], check=True)
+        return
+    (tmp_path / "file").write_text("a file")
+    yield tmp_path / "file" / "ro"
+
+
+def test_score_into_an_unwritable_folder_fails_before_any_image(models, source, unwritable):
+    out = unwritable / "out.csv"
+    result = CliRunner().invoke(app, ["score", models[0], source, "--out", str(out)])
+    line = one_line_error(result)
+    assert str(unwritable) in line and "--out" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["score", "{model}", "{source}", "--out", "{tmp}/rows.txt"], "unsupported table format"),
+        (["score", "{model}", "{tmp}/nothere"], "image file or folder not found: {tmp}/nothere"),
+        (["score", "{tmp}/no.safetensors", "{source}"], "{tmp}/no.safetensors: gaussian-ad model"),
+        (["score", "{tmp}/junk.safetensors", "{source}"], "not a readable gaussian-ad model"),
+        (["fit", "{data}", "--category", "nope", "--out", "{tmp}/m"], "category folder not found"),
+    ],
+)
+def test_the_projects_errors_are_one_line(args, message, models, source, small_dataset, tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"\0" * 300)
+    names = {"model": models[0], "source": source, "tmp": tmp_path, "data": small_dataset}
+    result = CliRunner().invoke(app, [a.format(**names) for a in args])
+    assert message.format(**names) in one_line_error(result)
+    assert not (tmp_path / "rows.txt").exists()
+
+
+def test_debug_shows_the_traceback(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("GAUSSIAN_AD_DEBUG", "0")  # restored after the test: --debug sets it
+    result = CliRunner().invoke(app, ["--debug", "score", models[0], str(tmp_path / "x")])
+    assert result.exit_code == 1 and "Traceback" in result.output
+    assert "FileNotFoundError" in result.output
+
+
+def test_a_model_that_cannot_give_its_score_says_so_before_scoring(models, source, tmp_path):
+    detector = Detector.load(models[0])  # the fused score, standardised with the calibration
+    detector.calibration_ = None
+    model = detector.save(tmp_path / "uncalibrated.safetensors")
+    result = CliRunner().invoke(
+        app, ["score", str(model), source, "--out", str(tmp_path / "s.csv")]
+    )
+    assert "need a calibrated detector" in one_line_error(result)
+
+
+def test_two_training_images_are_counted_as_given(small_dataset, tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for record in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))[:2]:
+        shutil.copy(record.path, folder)
+    result = CliRunner().invoke(app, ["fit", str(folder), "--out", str(tmp_path / "m")])
+    assert "need at least 3 readable training images" in one_line_error(result, decoded=True)
+    assert "got 2" in result.output
+
+
+def cli_under_file_limit(args: list[str], stdout, kib: int = 2) -> subprocess.CompletedProcess:
+    """The CLI in a child whose files may not grow past ``kib`` KiB (``ulimit -f``)."""
+    command = [sys.executable, "-m", "gaussian_ad.cli", *args]
+    shell = ["bash", "-c", f'ulimit -f {kib}; exec "$@"', "bash", *command]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(
+        shell, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, timeout=300
+    )
+
+
+def test_a_table_over_the_file_size_limit_fails_and_leaves_nothing(models, source, tmp_path):
+    out = tmp_path / "rows.csv"
+    run = cli_under_file_limit(["score", models[0], source, "--out", str(out)], None)
+    assert run.returncode == 1, run.stderr
+    assert f"error: {out}: File too large" in run.stderr and "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the table nor its temporary file
+
+
+def test_a_table_cut_short_on_stdout_is_no_success(models, source, tmp_path):
+    with (tmp_path / "stdout.txt").open("w") as stdout:
+        run = cli_under_file_limit(["score", models[0], source], stdout)
+    assert run.returncode == 1, run.stderr
+    assert "error: stdout: File too large" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_write_table_removes_its_temporary_file_on_a_full_disk(tmp_path):
+    code = (
+        "import numpy as np, pandas as pd, sys\n"
+        "from gaussian_ad.scoring.tables import write_table\n"
+        "try:\n"
+        f"    write_table(pd.DataFrame({{'x': np.arange(10_000)}}), {str(tmp_path / 't.csv')!r})\n"
+        "except OSError as error:\n"
+        "    print(error, file=sys.stderr); sys.exit(3)\n"
+    )
+    shell = ["bash", "-c", 'ulimit -f 4; exec "$@"', "bash", sys.executable, "-c", code]
+    run = subprocess.run(shell, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3 and "File too large" in run.stderr, run.stderr
+    assert str(tmp_path / "t.csv") in run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_mlflow_that_refuses_connections_stops_train_at_once(
+    small_dataset, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("GAUSSIAN_AD_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["train", str(small_dataset), "--category", CATEGORY])
+    line = one_line_error(result)
+    assert "MLflow at http://127.0.0.1:9 does not answer" in line and "refused" in line
+
+
+def test_an_unreachable_dask_scheduler_or_prefect_api_stops_the_run(
+    small_dataset, models, source, tmp_path, monkeypatch
+):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("GAUSSIAN_AD_HOME", str(tmp_path / "home"))
+    train = ["train", str(small_dataset), "--category", CATEGORY]
+    with temporary_settings({PREFECT_API_URL: None}):
+        result = CliRunner().invoke(app, [*train, "--dask-address", "tcp://127.0.0.1:9"])
+    assert "the Dask scheduler at tcp://127.0.0.1:9 does not answer" in one_line_error(result)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        archive = ["score-archive", source, "--model", models[0], "--out", str(tmp_path / "o")]
+        result = CliRunner().invoke(app, archive)
+    assert "the Prefect API at http://127.0.0.1:9/api does not answer" in one_line_error(result)
+
+
+def test_a_prefect_home_that_cannot_be_a_folder_is_named(models, source, tmp_path):
+    (tmp_path / "file").write_text("a file")
+    home = tmp_path / "file" / "prefect"
+    env = {**os.environ, "PREFECT_HOME": str(home), "GAUSSIAN_AD_HOME": str(tmp_path / "h")}
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "gaussian_ad.cli", "score-archive", source]
+    command += ["--model", models[0], "--out", str(tmp_path / "out")]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"error: PREFECT_HOME {home}: lies under the file {tmp_path / 'file'}" in run.stderr
+
+
+def test_the_run_lock_goes_and_unfinished_writes_are_removed(tmp_path):
+    out = tmp_path / "out"
+    (out / "scores").mkdir(parents=True)
+    stale = out / "scores" / ".part-00003.parquet.4242.tmp"  # a killed run's unfinished write
+    stale.write_bytes(b"partial")
+    with claim(out):
+        assert (out / ".run.lock").exists() and not stale.exists()
+    assert not (out / ".run.lock").exists()
+    with claim(out):  # and the folder can be claimed again
+        pass
+
+
+@pytest.mark.integration
+def test_a_model_file_replaced_before_a_rerun_is_refused(prefect_harness, models, source, tmp_path):
+    from gaussian_ad_flows.score import score
+
+    from gaussian_ad.scoring.run import file_digest
+
+    model, out = tmp_path / "model.safetensors", tmp_path / "scores"
+    shutil.copy(models[0], model)
+    score(source, model=str(model), out=str(out), shard_size=8)
+    for part in sorted((out / "scores").glob("part-*.parquet"))[1:]:
+        part.unlink()  # a killed run
+    old = file_digest(model)
+    shutil.copy(models[1], model)  # `fit --out` over the same file meanwhile
+    with pytest.raises(RunConflict, match=f"digest {old}, but the file now has digest "):
+        score(source, model=str(model), out=str(out))
+    assert len(list((out / "scores").glob("part-*.parquet"))) == 1  # nothing mixed in
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_run_exits_within_10_s_and_the_rerun_goes_on(
+    sig, code, prefect_harness, models, source, tmp_path
+):
+    from gaussian_ad_flows.score import score
+
+    out = tmp_path / "out"
+    # A Prefect home under a folder that does not exist yet: created, not a crash.
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "missing" / "prefect")}
+    env |= {"GAUSSIAN_AD_HOME": str(tmp_path / "home"), "DO_NOT_TRACK": "true"}
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "gaussian_ad.cli", "score-archive", source]
+    command += ["--model", models[0], "--out", str(out), "--shard-size", "2"]
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not any((out / "scores").glob("part-*.parquet")) and cli.poll() is None:
+            assert time.monotonic() < deadline, "no shard finished"
+            time.sleep(0.05)
+        children = psutil.Process(cli.pid).children(recursive=True)
+        cli.send_signal(sig)
+        signalled = time.monotonic()
+        stderr = cli.communicate(timeout=30)[1].decode()
+        waited = time.monotonic() - signalled
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == code, stderr[-3000:]
+    assert waited < 10, f"{waited:.1f} s to exit"
+    assert "Traceback" not in stderr and "PydanticSerializationError" not in stderr, stderr
+    assert "interrupted" in stderr.splitlines()[-1]
+    assert psutil.wait_procs(children, timeout=5)[1] == [], "a child outlived the CLI"
+    assert not list(out.rglob("*.tmp")) and not (out / ".run.lock").exists()
+    score(source, model=models[0], out=str(out))  # the rerun continues
+    table = read_rows(out)
+    assert len(table) == n_images(source) and table["path"].is_unique

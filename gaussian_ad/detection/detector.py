@@ -260,8 +260,15 @@ class Detector:
     ) -> Self:
         """Score every fold with the models fitted without it, calibrate on those scores.
 
-        ``oof_scores_`` keeps them, in the order of the training rows' ``index``.
+        ``oof_scores_`` keeps them, in the order of the training rows' ``index``. Each fold's
+        model needs 2 images of the other folds: fewer training images are refused, counted
+        as given (a fold model's count would say 1 of 2).
         """
+        if len(folds) - np.bincount(folds).max() < 2:
+            raise ValueError(
+                f"need at least 3 readable training images to calibrate out of fold (each "
+                f"image is scored by a model fitted on the others), got {len(folds)}"
+            )
         parts = []
         for k in range(int(folds.max()) + 1):
             image, patch = fold_models(k)
