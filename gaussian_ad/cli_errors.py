@@ -23,7 +23,6 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -137,7 +136,7 @@ def plain_errors() -> Iterator[None]:
     try:
         yield
         check_stdout()
-    except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+    except (typer.Exit, typer.Abort, typer.TyperException, SystemExit):  # typer's own exits
         raise
     except Interrupted as interrupt:
         _say(f"interrupted ({interrupt}); what was finished is kept: rerun to continue")
@@ -165,7 +164,7 @@ def plain_errors() -> Iterator[None]:
 class PlainErrorsGroup(TyperGroup):
     """The ``gaussian-ad`` command group: every command runs under :func:`plain_errors`."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         with plain_errors():
             return super().invoke(ctx)
 
