@@ -1,8 +1,9 @@
 """Accuracy per category and candidate on real data (a benchmark, not a test).
 
-For every MVTec-layout category under DATA_ROOT (default: ``../shared/devdata/visa`` next
-to the repository, when it is there), in a child process of its own (so its peak memory is
-its own):
+For every MVTec-layout category under the DATA_ROOT folders (default: every dev category
+of ``../shared/devdata`` next to the repository, when it is there: visa/fryum, visa/capsules
+and magnetic_tile, all in one run, so that no change is judged on one kind of product), in a
+child process of its own (so its peak memory is its own):
 
 - one backbone pass over train/good and one over test/, with every level and the default
   patch layout; every candidate below is fitted from these features through
@@ -13,12 +14,15 @@ its own):
   ``--select``, the configuration that the synthetic-defect selection picks (it needs two
   more backbone passes), evaluated the same way.
 
-Prints, per category and candidate, image AUROC, pixel AUROC, PRO, FPR and recall on the
-test set at the calibrated threshold, the seconds its fit + calibration + scoring took
-(the shared backbone passes are printed once per category), the category's peak memory,
-and the machine.
+Prints, per category and candidate, image AUROC, pixel AUROC, PRO, the working point on
+the test set (false-alarm rate and recall at the calibrated threshold, and the best recall
+any threshold reaches at that false-alarm rate), the seconds its fit + calibration +
+scoring took (the shared backbone passes are printed once per category), the category's
+peak memory, and the machine; then which candidate the default is and its change against
+the previous default (``PREVIOUS_DEFAULT``). The protocol: a change to the default is kept
+only where no dev category drops by more than 0.005.
 
-    .venv/bin/python bench/accuracy.py [DATA_ROOT] [--category fryum] [--select]
+    .venv/bin/python bench/accuracy.py [DATA_ROOT ...] [--category fryum] [--select]
         [--json results.json]
 """
 
@@ -35,7 +39,8 @@ from pathlib import Path
 
 from machine import machine_summary
 
-DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "devdata" / "visa"
+DEVDATA = Path(__file__).resolve().parents[1].parent / "shared" / "devdata"
+DEFAULT_ROOTS = [DEVDATA / "visa", DEVDATA / "magnetic_tile"]
 # name -> DetectorConfig fields (besides patch=True): the paper's method (summed levels),
 # PaDiM-like per-position patches, position-free patches, each fused with the image score,
 # and the image and position-free fused scores with standardised levels (fused-free-std:
@@ -52,10 +57,13 @@ CANDIDATES: dict[str, dict] = {
     "fused-free-std": {"score": "fused", "patch_pool_radius": None, "standardize_levels": True},
 }
 
+PREVIOUS_DEFAULT = "fused-free-std"  # the default before the present one, for the protocol
+MAX_DROP = 0.005  # a change to the default may lower no category by more than this
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data_root", nargs="?", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("data_roots", nargs="*", type=Path, default=DEFAULT_ROOTS)
     parser.add_argument("--category", action="append", help="default: every category")
     parser.add_argument("--select", action="store_true", help="also the selection's pick")
     parser.add_argument("--target-fpr", type=float, default=0.01)
@@ -89,6 +97,7 @@ def evaluate_candidate(name, config, passed, keys, layout, fingerprint, test, re
         "pro": evaluation.pro,
         "fpr": counts.fpr,
         "recall": counts.recall,
+        "best_recall": evaluation.best_recall,
         "seconds": time.perf_counter() - start,
     }
 
@@ -112,7 +121,7 @@ def run_category(args: argparse.Namespace) -> dict:
     from gaussian_ad.features.extract import collect, iter_batches, source_label
     from gaussian_ad.features.layout import PatchLayout
 
-    train, test_records = split_records(mvtec_manifest(args.data_root, args.child))
+    train, test_records = split_records(mvtec_manifest(args.data_roots[0], args.child))
     train_paths = [r.path for r in train]
     base = DetectorConfig(patch=True, input_size=args.input_size)
     loader = LoaderOptions()
@@ -164,8 +173,8 @@ def print_category(result: dict) -> None:
     )
     best = max(r["auroc"] for r in result["rows"])
     print(
-        f"  {'candidate':<12}{'AUROC':>7}{'pixel':>7}{'PRO':>7}{'FPR':>7}{'recall':>7}"
-        f"{'s':>6}  picked by"
+        f"  {'candidate':<15}{'AUROC':>7}{'pixel':>7}{'PRO':>7}{'FPR':>7}{'recall':>7}"
+        f"{'best':>7}{'s':>6}  picked by"
     )
     for row in result["rows"]:
         by = [k for k, v in result["picks"].items() if v == row["candidate"]]
@@ -174,14 +183,39 @@ def print_category(result: dict) -> None:
         )
         mark = " (best)" if row["auroc"] == best else ""
         print(
-            f"  {row['candidate']:<12}{row['auroc']:>7.3f}{pixel}{row['fpr']:>7.3f}"
-            f"{row['recall']:>7.3f}{row['seconds']:>6.0f}  {', '.join(by)}{mark}"
+            f"  {row['candidate']:<15}{row['auroc']:>7.3f}{pixel}{row['fpr']:>7.3f}"
+            f"{row['recall']:>7.3f}{row['best_recall']:>7.3f}{row['seconds']:>6.0f}"
+            f"  {', '.join(by)}{mark}"
         )
     for kind in ("default", "select"):
         if kind in result["picks"]:
             name = result["picks"][kind]
             auroc = next(r["auroc"] for r in result["rows"] if r["candidate"] == name)
             print(f"  {kind} -> {name}: {auroc:.3f}, {best - auroc:.3f} below the best")
+
+
+def print_protocol(results: list[dict]) -> None:
+    """The default against the previous default on every category, and the verdict: kept
+    only where no category drops by more than ``MAX_DROP``."""
+    print(f"\ndefault against the previous default ({PREVIOUS_DEFAULT}), change per category:")
+    print(f"  {'category':<15}{'AUROC':>8}{'pixel':>8}{'PRO':>8}")
+    drops = []
+    for result in results:
+        rows = {row["candidate"]: row for row in result["rows"]}
+        new, old = rows.get(result["picks"].get("default")), rows.get(PREVIOUS_DEFAULT)
+        if new is None or old is None:
+            print(f"  {result['category']:<15}  (the default or the previous one was not run)")
+            continue
+        changes = [
+            None if new[k] is None or old[k] is None else new[k] - old[k]
+            for k in ("auroc", "pixel_auroc", "pro")
+        ]
+        drops += [-c for c in changes if c is not None]
+        text = "".join(f"{'-':>8}" if c is None else f"{c:>+8.3f}" for c in changes)
+        print(f"  {result['category']:<15}{text}")
+    if drops:
+        verdict = "kept" if max(drops) <= MAX_DROP else "REFUSED"
+        print(f"  largest drop {max(max(drops), 0.0):.3f} (limit {MAX_DROP}): {verdict}")
 
 
 def main() -> None:
@@ -192,15 +226,23 @@ def main() -> None:
         return
     from gaussian_ad.data.images import mvtec_categories
 
-    if not args.data_root.is_dir():
-        sys.exit(f"no data at {args.data_root}: pass DATA_ROOT (MVTec layout)")
-    categories = args.category or mvtec_categories(args.data_root)
+    missing = [root for root in args.data_roots if not root.is_dir()]
+    if missing:
+        sys.exit(
+            f"no data at {', '.join(map(str, missing))}: pass DATA_ROOT folders (MVTec layout)"
+        )
+    pairs = [
+        (root, category)
+        for root in args.data_roots
+        for category in mvtec_categories(root)
+        if not args.category or category in args.category
+    ]
     print(machine_summary())
-    print(f"data:    {args.data_root} ({', '.join(categories)})")
+    print(f"data:    {', '.join(f'{root}/{category}' for root, category in pairs)}")
     results = []
-    for category in categories:
+    for root, category in pairs:
         out = Path(f"/tmp/accuracy-{os.getpid()}-{category}.json")
-        command = [sys.executable, __file__, str(args.data_root), "--child", category]
+        command = [sys.executable, __file__, str(root), "--child", category]
         command += ["--result", str(out), "--target-fpr", str(args.target_fpr)]
         command += ["--candidates", args.candidates]
         command += ["--input-size", str(args.input_size)] if args.input_size else []
@@ -209,6 +251,7 @@ def main() -> None:
         results.append(json.loads(out.read_text()))
         out.unlink()
         print_category(results[-1])
+    print_protocol(results)
     if args.json:
         args.json.write_text(
             json.dumps({"machine": machine_summary(), "results": results}, indent=2)

@@ -29,6 +29,7 @@ from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.metrics import (
     Confusion,
     auroc,
+    best_recall,
     confusion,
     level_aurocs,
     mean_sem,
@@ -126,6 +127,12 @@ class Evaluation:
     def confusion(self) -> Confusion:
         """The test set's confusion matrix (and FPR, recall) at the threshold."""
         return confusion(self.labels, self.test.scores, self.threshold)
+
+    @property
+    def best_recall(self) -> float:
+        """The best recall any threshold reaches on the test set at the calibrated
+        threshold's test false-positive rate (how much recall the calibration gives away)."""
+        return best_recall(self.labels, self.test.scores, self.confusion.fpr)
 
     @property
     def heldout_fpr(self) -> float:

@@ -191,3 +191,26 @@ def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Confu
         tn=int(np.sum(~flagged & ~anomalous)),
         fn=int(np.sum(~flagged & anomalous)),
     )
+
+
+def best_recall(labels: np.ndarray, scores: np.ndarray, max_fpr: float) -> float:
+    """The highest recall any threshold reaches with a false-positive rate <= ``max_fpr``:
+    what a threshold chosen with the test labels would give at the same false-alarm rate,
+    the yardstick of a calibrated threshold's recall.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gaussian_ad.stats.metrics import best_recall
+    >>> labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    >>> scores = np.array([1.0, 2.0, 3.0, 6.0, 4.0, 5.0, 7.0])
+    >>> best_recall(labels, scores, 0.0), best_recall(labels, scores, 0.25)
+    (0.3333333333333333, 1.0)
+    """
+    labels, scores = np.asarray(labels).ravel(), np.asarray(scores, dtype=np.float64).ravel()
+    normal, anomalous = np.sort(scores[labels == 0]), scores[labels == 1]
+    if not normal.size or not anomalous.size:
+        return float("nan")
+    allowed = int(np.floor(max_fpr * normal.size + 1e-9))  # normals that may score above
+    threshold = normal[normal.size - 1 - allowed] if allowed < normal.size else -np.inf
+    return float(np.mean(anomalous > threshold))

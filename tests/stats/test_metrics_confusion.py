@@ -36,3 +36,19 @@ def test_bad_input_is_rejected():
         confusion(np.array([0, 1]), np.array([1.0]), 0.0)
     with pytest.raises(ValueError, match="0 \\(normal\\) or 1"):
         confusion(np.array([0, 2]), np.array([1.0, 2.0]), 0.0)
+
+
+def test_best_recall_is_the_best_over_every_threshold():
+    from gaussian_ad.stats.metrics import best_recall
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        labels = rng.integers(0, 2, size=40)
+        scores = rng.integers(0, 12, size=40).astype(float)  # ties on purpose
+        for max_fpr in (0.0, 0.05, 0.2, 1.0):
+            brute = max(
+                confusion(labels, scores, t).recall
+                for t in np.concatenate([scores, [-np.inf]])
+                if confusion(labels, scores, t).fpr <= max_fpr
+            )
+            assert best_recall(labels, scores, max_fpr) == brute
