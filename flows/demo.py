@@ -26,9 +26,9 @@ from gaussian_ad.registry.mlflow_model import ui_url
 
 SCORED_CATEGORY = "disc"
 # The stem alone: colour and contrast statistics pooled over the whole image, which a small
-# local defect barely moves (the image score alone: no patch score to rescue it); the paper
-# finds the early levels the weakest.
-WEAK_CHALLENGER = DetectorConfig(levels="1", score="image")
+# local defect barely moves (the image score alone: no patch model to rescue it, and the
+# backbone pass stops after the stem); the paper finds the early levels the weakest.
+WEAK_CHALLENGER = DetectorConfig(levels="1", score="image", patch=False)
 
 
 def make_archive(data_root: Path, category: str, archive: Path) -> Path:
