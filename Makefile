@@ -25,5 +25,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# Test files in parallel, one worker per core (at most 4); a file's tests share a worker, so
+# each module's fixtures run once.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --maxprocesses 4 --dist loadfile
