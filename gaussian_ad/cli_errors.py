@@ -8,7 +8,8 @@
   cut short on stdout exits non-zero.
 - Ctrl-C (SIGINT) and SIGTERM end the process within :data:`EXIT_GRACE` seconds: the
   command's own clean-up runs first (temporary server drained and stopped, temporary files
-  removed); whatever still holds on after that is cut off. A second signal exits at once.
+  removed), then the process exits without the interpreter's own slow shutdown; whatever
+  still holds on after the grace is cut off. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typer.core import TyperGroup
 
 DEBUG_ENV = "GAUSSIAN_AD_DEBUG"
 LOG_LEVEL_ENV = "GAUSSIAN_AD_LOG_LEVEL"
-EXIT_GRACE = float(os.environ.get("GAUSSIAN_AD_EXIT_GRACE", 8))
+EXIT_GRACE = float(os.environ.get("GAUSSIAN_AD_EXIT_GRACE", 5))
 """Seconds from Ctrl-C or SIGTERM to the process's exit, whatever is still running."""
 STDOUT = "stdout"
 INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -140,7 +141,11 @@ def plain_errors() -> Iterator[None]:
         raise
     except Interrupted as interrupt:
         _say(f"interrupted ({interrupt}); what was finished is kept: rerun to continue")
-        raise typer.Exit(INTERRUPTED[interrupt.signum]) from None
+        # The command's clean-up has run; the interpreter's own (atexit handlers, threads
+        # of the libraries) can take 10 s more, and the deadline's timer cannot fire then.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        os._exit(INTERRUPTED[interrupt.signum])
     except KeyboardInterrupt:
         _say("interrupted; what was finished is kept: rerun to continue")
         raise typer.Exit(130) from None
