@@ -120,6 +120,19 @@ def test_training_registers_a_tagged_champion(trained, mlflow_uri):
     assert all(s["worker"].startswith(("tcp://", "inproc://")) for s in trained["shards"])
 
 
+def test_the_version_carries_its_onnx_export(trained, mlflow_uri, tmp_path):
+    import onnx
+
+    from gaussian_ad.registry.mlflow_model import ONNX_ARTIFACT
+
+    uri = f"models:/{NAME}/{trained['version']}/{ONNX_ARTIFACT}"
+    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path))
+    props = {p.key: p.value for p in onnx.load(path).metadata_props}
+    tags = MlflowClient(mlflow_uri).get_model_version(NAME, trained["version"]).tags
+    assert float(props["threshold"]) == pytest.approx(float(tags["threshold"]), abs=1e-6)
+    assert props["score_kind"] == tags["score"]
+
+
 def test_descriptions_say_what_was_trained_and_why_it_was_promoted(trained, mlflow_uri):
     client = MlflowClient(mlflow_uri)
     version = client.get_model_version(NAME, trained["version"])
