@@ -594,6 +594,12 @@ def train(
     """
     from dataclasses import replace
 
+    from gaussian_ad import preflight
+
+    # The services first, before the flows' imports (seconds of CPU): a stopped MLflow
+    # is said at once.
+    preflight.mlflow_answers(os.environ.get("MLFLOW_TRACKING_URI"))
+    preflight.dask_answers(dask_address or os.environ.get("GAUSSIAN_AD_DASK_ADDRESS"))
     from pydantic import ValidationError
 
     from gaussian_ad.data.augment import AugmentConfig
