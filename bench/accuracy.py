@@ -216,7 +216,7 @@ def print_protocol(results: list[dict]) -> None:
         print(f"  {result['category']:<15}{text}")
     if drops:
         verdict = "kept" if max(drops) <= MAX_DROP else "REFUSED"
-        print(f"  largest drop {max(max(drops), 0.0):.3f} (limit {MAX_DROP}): {verdict}")
+        print(f"  largest drop {max(0.0, *drops):.3f} (limit {MAX_DROP}): {verdict}")
 
 
 def main() -> None:

@@ -162,7 +162,6 @@ def run_naive(args: argparse.Namespace) -> dict:
     import numpy as np
     import timm
     import torch
-    from PIL import Image
     from sklearn.covariance import LedoitWolf
 
     # torch is loaded above, so the OMP_WAIT_POLICY default of backbones.models does not apply.
@@ -183,20 +182,7 @@ def run_naive(args: argparse.Namespace) -> dict:
     setup_cpu, setup_wall = time.process_time(), time.perf_counter()
 
     def features(paths: list[str]) -> list[np.ndarray]:
-        per_level: list[list[np.ndarray]] = [[] for _ in taps]
-        for start in range(0, len(paths), args.batch_size):
-            pixels = []
-            for path in paths[start : start + args.batch_size]:
-                with Image.open(path) as image:
-                    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-                pixels.append((np.asarray(rgb, np.float32) / 255.0 - mean) / std)
-            x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
-            pooled.clear()
-            with torch.inference_mode():
-                model(x)
-            for level, vectors in zip(per_level, pooled, strict=True):
-                level.append(vectors.numpy().astype(np.float64))
-        return [np.concatenate(level) for level in per_level]
+        return naive_features(model, taps, pooled, paths, size, mean, std, args.batch_size)
 
     train, test, labels = _split(Path(args.root))
     fitted = [LedoitWolf().fit(x) for x in features(train)]
@@ -211,12 +197,34 @@ def run_naive(args: argparse.Namespace) -> dict:
     )
 
 
+def naive_features(model, taps, pooled, paths, size, mean, std, batch_size):
+    """The naive scripts' extraction: decode in the main thread, resize, normalise, forward;
+    ``pooled`` collects the hooked taps' spatial means. One (n, C) float64 array per tap."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    per_level: list[list[np.ndarray]] = [[] for _ in taps]
+    for start in range(0, len(paths), batch_size):
+        pixels = []
+        for path in paths[start : start + batch_size]:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            pixels.append((np.asarray(rgb, np.float32) / 255.0 - mean) / std)
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+        pooled.clear()
+        with torch.inference_mode():
+            model(x)
+        for level, vectors in zip(per_level, pooled, strict=True):
+            level.append(vectors.numpy().astype(np.float64))
+    return [np.concatenate(level) for level in per_level]
+
+
 def run_naive_whole(args: argparse.Namespace) -> None:
     """The naive one-file script of ``--whole``: the same evaluation, plainly written."""
     import numpy as np
     import timm
     import torch
-    from PIL import Image
     from sklearn.covariance import LedoitWolf
     from sklearn.metrics import roc_auc_score
 
@@ -245,20 +253,7 @@ def run_naive_whole(args: argparse.Namespace) -> None:
     size = spec.image_size
 
     def features(paths: list[str]) -> list[np.ndarray]:
-        per_level: list[list[np.ndarray]] = [[] for _ in taps]
-        for start in range(0, len(paths), args.batch_size):
-            pixels = []
-            for path in paths[start : start + args.batch_size]:
-                with Image.open(path) as image:
-                    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-                pixels.append((np.asarray(rgb, np.float32) / 255.0 - mean) / std)
-            x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
-            pooled.clear()
-            with torch.inference_mode():
-                model(x)
-            for level, vectors in zip(per_level, pooled, strict=True):
-                level.append(vectors.numpy().astype(np.float64))
-        return [np.concatenate(level) for level in per_level]
+        return naive_features(model, taps, pooled, paths, size, mean, std, args.batch_size)
 
     fitted = [LedoitWolf().fit(x) for x in features(train)]
     levels = np.stack(
