@@ -160,29 +160,13 @@ def run_naive(args: argparse.Namespace) -> dict:
     """Decode in the main thread, timm + forward hooks, scikit-learn LedoitWolf."""
     start_cpu, start_wall = time.process_time(), time.perf_counter()
     import numpy as np
-    import timm
     import torch
     from sklearn.covariance import LedoitWolf
 
-    # torch is loaded above, so the OMP_WAIT_POLICY default of backbones.models does not apply.
-    from gaussian_ad.backbones.models import lite_package_weights, load_weights_file
-    from gaussian_ad.backbones.specs import BACKBONES
-
     torch.set_num_threads(args.threads)
-    spec = BACKBONES[args.backbone]
-    model = timm.create_model(spec.timm_name, pretrained=False)
-    load_weights_file(model, lite_package_weights(args.backbone))
-    model.eval()
-    taps = [model.bn1, *model.blocks, model.bn2]
-    pooled: list[torch.Tensor] = []
-    for tap in taps:
-        tap.register_forward_hook(lambda _m, _i, out: pooled.append(out.mean(dim=(2, 3))))
-    mean, std = np.array(spec.mean, np.float32), np.array(spec.std, np.float32)
-    size = spec.image_size
+    # torch is loaded above, so the OMP_WAIT_POLICY default of backbones.models does not apply.
+    features = naive_extractor(args.backbone, args.batch_size)
     setup_cpu, setup_wall = time.process_time(), time.perf_counter()
-
-    def features(paths: list[str]) -> list[np.ndarray]:
-        return naive_features(model, taps, pooled, paths, size, mean, std, args.batch_size)
 
     train, test, labels = _split(Path(args.root))
     fitted = [LedoitWolf().fit(x) for x in features(train)]
@@ -197,39 +181,53 @@ def run_naive(args: argparse.Namespace) -> dict:
     )
 
 
-def naive_features(model, taps, pooled, paths, size, mean, std, batch_size):
-    """The naive scripts' extraction: decode in the main thread, resize, normalise, forward;
-    ``pooled`` collects the hooked taps' spatial means. One (n, C) float64 array per tap."""
+def naive_extractor(backbone: str, batch_size: int):
+    """The naive scripts' model and extraction: timm with the Lite weights and forward hooks
+    on every level; the returned ``features(paths)`` decodes in the main thread, resizes,
+    normalises and runs the model, giving one (n, C) float64 array of pooled maps per level."""
     import numpy as np
+    import timm
     import torch
     from PIL import Image
 
-    per_level: list[list[np.ndarray]] = [[] for _ in taps]
-    for start in range(0, len(paths), batch_size):
-        pixels = []
-        for path in paths[start : start + batch_size]:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            pixels.append((np.asarray(rgb, np.float32) / 255.0 - mean) / std)
-        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
-        pooled.clear()
-        with torch.inference_mode():
-            model(x)
-        for level, vectors in zip(per_level, pooled, strict=True):
-            level.append(vectors.numpy().astype(np.float64))
-    return [np.concatenate(level) for level in per_level]
+    from gaussian_ad.backbones.models import lite_package_weights, load_weights_file
+    from gaussian_ad.backbones.specs import BACKBONES
+
+    spec = BACKBONES[backbone]
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    load_weights_file(model, lite_package_weights(backbone))
+    model.eval()
+    taps = [model.bn1, *model.blocks, model.bn2]
+    pooled: list[torch.Tensor] = []
+    for tap in taps:
+        tap.register_forward_hook(lambda _m, _i, out: pooled.append(out.mean(dim=(2, 3))))
+    mean, std = np.array(spec.mean, np.float32), np.array(spec.std, np.float32)
+    size = spec.image_size
+
+    def features(paths: list[str]) -> list[np.ndarray]:
+        per_level: list[list[np.ndarray]] = [[] for _ in taps]
+        for start in range(0, len(paths), batch_size):
+            pixels = []
+            for path in paths[start : start + batch_size]:
+                with Image.open(path) as image:
+                    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                pixels.append((np.asarray(rgb, np.float32) / 255.0 - mean) / std)
+            x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+            pooled.clear()
+            with torch.inference_mode():
+                model(x)
+            for level, vectors in zip(per_level, pooled, strict=True):
+                level.append(vectors.numpy().astype(np.float64))
+        return [np.concatenate(level) for level in per_level]
+
+    return features
 
 
 def run_naive_whole(args: argparse.Namespace) -> None:
     """The naive one-file script of ``--whole``: the same evaluation, plainly written."""
     import numpy as np
-    import timm
-    import torch
     from sklearn.covariance import LedoitWolf
     from sklearn.metrics import roc_auc_score
-
-    from gaussian_ad.backbones.models import lite_package_weights, load_weights_file
-    from gaussian_ad.backbones.specs import BACKBONES
 
     folder = Path(args.root) / args.category
     images = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -241,19 +239,7 @@ def run_naive_whole(args: argparse.Namespace) -> None:
             if path.suffix.lower() in images:
                 test.append(str(path))
                 labels.append(int(defect.name != "good"))
-    spec = BACKBONES[args.backbone]
-    model = timm.create_model(spec.timm_name, pretrained=False)
-    load_weights_file(model, lite_package_weights(args.backbone))
-    model.eval()
-    taps = [model.bn1, *model.blocks, model.bn2]
-    pooled: list[torch.Tensor] = []
-    for tap in taps:
-        tap.register_forward_hook(lambda _m, _i, out: pooled.append(out.mean(dim=(2, 3))))
-    mean, std = np.array(spec.mean, np.float32), np.array(spec.std, np.float32)
-    size = spec.image_size
-
-    def features(paths: list[str]) -> list[np.ndarray]:
-        return naive_features(model, taps, pooled, paths, size, mean, std, args.batch_size)
+    features = naive_extractor(args.backbone, args.batch_size)
 
     fitted = [LedoitWolf().fit(x) for x in features(train)]
     levels = np.stack(
