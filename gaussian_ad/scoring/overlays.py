@@ -11,7 +11,6 @@ all-blue map means nothing in the image is locally abnormal, whatever made it fl
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gaussian_ad.data.images import ImageSource, load_rgb
 from gaussian_ad.detection.scores import Scores
+from gaussian_ad.files import atomic_path
 from gaussian_ad.stats.fusion import Standardizer
 
 MAP_ALPHA = 0.5
@@ -189,14 +189,8 @@ def write_overlay(
     """
     image = annotated(load_rgb(source), anomaly_map, normal, verdict)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

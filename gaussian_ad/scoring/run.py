@@ -23,6 +23,7 @@ import pandas as pd
 
 from gaussian_ad.data.images import ImageError
 from gaussian_ad.data.sources import SourceItem
+from gaussian_ad.files import atomic_path
 from gaussian_ad.scoring.tables import error_table, write_table
 
 logger = logging.getLogger(__name__)
@@ -171,13 +172,8 @@ def open_run(
         n_items=len(items),
         listing_sha256=_digest(items),
     )
-    tmp = record.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(record) as tmp:
         tmp.write_text(json.dumps(run.to_dict(), indent=2))
-        tmp.replace(record)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return run, items, errors
 
 

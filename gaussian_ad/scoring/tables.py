@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pandas as pd
 
 from gaussian_ad.data.images import ImageError
 from gaussian_ad.detection.scores import Scores
+from gaussian_ad.files import atomic_path
 
 
 def score_table(paths: Sequence[str], scores: Scores, levels: Sequence[int]) -> pd.DataFrame:
@@ -78,20 +78,14 @@ def write_table(table: pd.DataFrame, path: str | Path) -> Path:
     """Write .csv or .parquet atomically (a temporary file renamed into place; removed if
     the write fails, so that a failed write leaves nothing that looks like a result)."""
     path = check_table_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if path.suffix == ".parquet":
-            table.to_parquet(tmp, index=False)
-        else:
-            table.to_csv(tmp, index=False)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            if path.suffix == ".parquet":
+                table.to_parquet(tmp, index=False)
+            else:
+                table.to_csv(tmp, index=False)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         if error.filename is None:  # a write error says which file it was writing
             raise OSError(error.errno, error.strerror, str(path)) from error
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
     return path
