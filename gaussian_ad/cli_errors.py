@@ -8,14 +8,16 @@
   cut short on stdout exits non-zero.
 - Ctrl-C (SIGINT) and SIGTERM end the process within :data:`EXIT_GRACE` seconds: the
   command's own clean-up runs first (temporary server drained and stopped, temporary files
-  removed), then the process exits without the interpreter's own slow shutdown; whatever
-  still holds on after the grace is cut off. A second signal exits at once.
+  removed, the Dask workers' reports of their lost scheduler left unsaid), then the process
+  exits without the interpreter's own slow shutdown; whatever still holds on after the
+  grace is cut off. A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import sys
@@ -33,6 +35,9 @@ EXIT_GRACE = float(os.environ.get("GAUSSIAN_AD_EXIT_GRACE", 5))
 """Seconds from Ctrl-C or SIGTERM to the process's exit, whatever is still running."""
 STDOUT = "stdout"
 INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+QUIET_AFTER_INTERRUPT = ("distributed",)
+"""Libraries whose log records while stopping after an interrupt are its effect, not news:
+the local Dask cluster's workers report the scheduler they lost, with a traceback."""
 
 
 class CommandError(Exception):
@@ -174,6 +179,14 @@ class PlainErrorsGroup(TyperGroup):
             return super().invoke(ctx)
 
 
+def _quiet_teardown() -> None:
+    """Only critical records from :data:`QUIET_AFTER_INTERRUPT`'s loggers from now on (each
+    logger set, as a library may have given its children levels of their own)."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in QUIET_AFTER_INTERRUPT:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 @contextlib.contextmanager
 def bounded_exit(grace: float = EXIT_GRACE) -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread and start a
@@ -196,6 +209,7 @@ def bounded_exit(grace: float = EXIT_GRACE) -> Iterator[None]:
         if armed.is_set():
             cut_off(signum)
         armed.set()
+        _quiet_teardown()
         timer = threading.Timer(grace, cut_off, args=(signum,))
         timer.daemon = True
         timer.start()
