@@ -233,15 +233,21 @@ def log_detector(
 
 
 def load_detector(model_uri: str, loader: LoaderOptions | None = None) -> Detector:
-    """A Detector from a model URI (``models:/name@alias``, ``runs:/...``) or a local file."""
+    """A Detector from a model URI (``models:/name@alias``, ``runs:/...``) or a local file.
+
+    A registered model's files are downloaded into a temporary folder that is removed once
+    the detector is in memory (MLflow's own default folder is never removed: tens of MB in
+    the temporary directory for every load).
+    """
     if Path(model_uri).is_file():
         return Detector.load(model_uri, loader)
-    local = Path(mlflow.artifacts.download_artifacts(model_uri))
-    files = list(local.rglob(MODEL_FILE))
-    if not files:
-        raise FileNotFoundError(f"{model_uri}: no {MODEL_FILE} in the model's files")
-    logger.info("loaded %s from %s", model_uri, files[0])
-    return Detector.load(files[0], loader)
+    with tempfile.TemporaryDirectory(prefix="gaussian-ad-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+        files = list(local.rglob(MODEL_FILE))
+        if not files:
+            raise FileNotFoundError(f"{model_uri}: no {MODEL_FILE} in the model's files")
+        logger.info("loaded %s", model_uri)
+        return Detector.load(files[0], loader)
 
 
 @dataclass(frozen=True)

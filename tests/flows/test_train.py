@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -269,6 +270,12 @@ def test_pyfunc_champion_scores_like_the_detector(trained, small_dataset, mlflow
     np.testing.assert_allclose(table["score_l7"].to_numpy(), direct.level_scores[:, 6], **close)
     assert table["is_anomaly"].tolist() == direct.is_anomaly.tolist()
     assert isinstance(detector, Detector) and detector.threshold is not None
+
+
+def test_loading_a_registered_model_leaves_no_download_behind(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where downloads go by default
+    detector = load_detector(f"models:/{NAME}/{trained['version']}")
+    assert detector.threshold is not None and list(tmp_path.iterdir()) == []
 
 
 def test_worse_model_does_not_take_champion(trained, small_dataset, tmp_path, mlflow_uri):
