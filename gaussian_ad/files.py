@@ -20,11 +20,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     >>> import tempfile
     >>> from pathlib import Path
     >>> from gaussian_ad.files import atomic_path
-    >>> target = Path(tempfile.mkdtemp()) / "out" / "a.txt"
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> target = Path(folder.name) / "out" / "a.txt"
     >>> with atomic_path(target) as tmp:
     ...     _ = tmp.write_text("done")
     >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
     ('done', ['a.txt'])
+    >>> folder.cleanup()
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

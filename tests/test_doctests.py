@@ -3,13 +3,23 @@
 import doctest
 import importlib
 import pkgutil
+from pathlib import Path
 
 import pytest
 
+import gaussian_ad
 import gaussian_ad.stats
 
 STATS_MODULES = sorted(
     f"gaussian_ad.stats.{info.name}" for info in pkgutil.iter_modules(gaussian_ad.stats.__path__)
+)
+PACKAGE = Path(gaussian_ad.__file__).parent
+DOCUMENTED_MODULES = sorted(  # every module of the library with an example in it
+    ".".join(("gaussian_ad", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(
+        ".__init__"
+    )
+    for path in PACKAGE.rglob("*.py")
+    if ">>>" in path.read_text()
 )
 WITH_EXAMPLES = (
     "gaussian_ad",
@@ -26,7 +36,7 @@ def run_doctests(name: str) -> doctest.TestResults:
     return doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
 
 
-@pytest.mark.parametrize("name", STATS_MODULES)
+@pytest.mark.parametrize("name", sorted({*STATS_MODULES, *DOCUMENTED_MODULES}))
 def test_examples_pass(name):
     assert run_doctests(name).failed == 0
 

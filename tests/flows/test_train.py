@@ -75,7 +75,7 @@ def flow_run_name(flow_run_id) -> str:
         return client.read_flow_run(flow_run_id).name
 
 
-def test_training_registers_a_tagged_champion(trained, mlflow_uri):
+def test_training_registers_a_tagged_champion(trained, mlflow_uri, tmp_path):
     client = MlflowClient(mlflow_uri)
     version = client.get_model_version_by_alias(NAME, "champion")
     assert version.version == trained["version"]
@@ -107,7 +107,8 @@ def test_training_registers_a_tagged_champion(trained, mlflow_uri):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in client.list_artifacts(trained["run_id"])}
     assert {"report.html", "chi2_levels.json"} <= artifacts
-    local = mlflow.artifacts.download_artifacts(f"runs:/{trained['run_id']}/chi2_levels.json")
+    uri = f"runs:/{trained['run_id']}/chi2_levels.json"
+    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path))
     levels = json.loads(Path(local).read_text())
     assert levels["levels"] == list(range(1, 10)) and len(levels["auroc"]) == 9
     sigma3 = levels["chi2"]["sigma3"]

@@ -52,7 +52,7 @@ def trained(small_dataset, prefect_harness, mlflow_uri, tmp_path_factory) -> dic
     return {**result, "home": str(home)}
 
 
-def test_selection_is_logged_with_the_version_and_reloadable(trained, mlflow_uri):
+def test_selection_is_logged_with_the_version_and_reloadable(trained, mlflow_uri, tmp_path):
     client = MlflowClient(mlflow_uri)
     version = client.get_model_version(NAME, trained["version"])
     selection = trained["selection"]
@@ -61,7 +61,8 @@ def test_selection_is_logged_with_the_version_and_reloadable(trained, mlflow_uri
     # The candidates' AUROCs are in selection.json, not among the run's headline metrics.
     run = client.get_run(trained["run_id"])
     assert not [k for k in run.data.metrics if k.startswith("select_")]
-    local = mlflow.artifacts.download_artifacts(f"runs:/{trained['run_id']}/selection.json")
+    uri = f"runs:/{trained['run_id']}/selection.json"
+    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path))
     reloaded = Selection.from_dict(json.loads(Path(local).read_text()))
     assert reloaded.to_dict() == selection and len(selection["results"]) == 4
     best_auroc = max(value for _, value in reloaded.results)
