@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 PATCH_SUFFIX = ".patch.safetensors"
 STORE_CHUNK = 32  # rows of patch features scored at a time
+MAX_OWN_FLAGGED = 0.1
+"""The largest share of its own training images a fitted model may flag (see
+:meth:`Detector.calibrate_out_of_fold`); a sound one flags about none of them."""
 
 
 class Detector:
@@ -262,7 +265,8 @@ class Detector:
 
         ``oof_scores_`` keeps them, in the order of the training rows' ``index``. Each fold's
         model needs 2 images of the other folds: fewer training images are refused, counted
-        as given (a fold model's count would say 1 of 2).
+        as given (a fold model's count would say 1 of 2). The first fold is scored by the
+        whole model too: one that flags its own training images is refused.
         """
         if len(folds) - np.bincount(folds).max() < 2:
             raise ValueError(
@@ -278,7 +282,24 @@ class Detector:
             parts.append(fold_scores(held_out, k))
         scores = concat_scores(parts, [])
         self.oof_scores_ = scores.take(np.argsort(scores.index, kind="stable"))
-        return self.calibrate_scores(self.oof_scores_, target_fpr)
+        self.calibrate_scores(self.oof_scores_, target_fpr)
+        self._check_own_images(fold_scores(self, 0))
+        return self
+
+    def _check_own_images(self, own: Scores) -> None:
+        """Refuse a model that flags more than :data:`MAX_OWN_FLAGGED` of images it was fitted
+        on (``own``: one fold, scored by the whole model). Those score below their out-of-fold
+        scores, which set the threshold; flagging them contradicts the fit (scores that break
+        down numerically, training images too alike to spread), and such a model is never
+        written."""
+        flagged = int(np.count_nonzero(own.is_anomaly))
+        if flagged > MAX_OWN_FLAGGED * len(own.scores):
+            worst = float(np.max(own.scores))
+            raise ValueError(
+                f"the fitted model flags {flagged} of {len(own.scores)} of its own training "
+                f"images (highest score {worst:.4g}, threshold {self.threshold:.4g}); not "
+                "kept: are the training images nearly identical?"
+            )
 
     def _patch_model(self) -> PatchGaussian:
         return PatchGaussian(pool_radius=self.config.patch_pool_radius)

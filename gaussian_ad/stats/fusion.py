@@ -16,10 +16,52 @@ values, so that no term dominates by its scale:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SPREAD_FLOOR = 1e-4
+"""The smallest standard deviation a z-score divides by, relative to the scores' mean.
+Features are float32 (7 significant digits); scores that spread less than this differ by
+rounding amplified through an inverse covariance, not by the images, and dividing by such a
+spread makes any new image an outlier by thousands of standard deviations."""
+
+
+def floored_spread(scores: np.ndarray, what: str) -> np.ndarray:
+    """The standard deviations (ddof=1) of ``scores`` along axis 0, each at least
+    :data:`SPREAD_FLOOR` times the magnitude of its mean (with a warning); no spread at all
+    is refused: the held-out images were identical.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gaussian_ad.stats.fusion import floored_spread
+    >>> floored_spread(np.array([[9.0], [10.0], [11.0]]), "scores")
+    array([1.])
+    >>> floored_spread(np.array([[10.0], [10.0 + 1e-9], [10.0 - 1e-9]]), "scores")
+    array([0.001])
+    """
+    stds = scores.std(axis=0, ddof=1)
+    flat = np.flatnonzero(~(stds > 0.0))
+    if flat.size:
+        column = f" (column {int(flat[0])})" if scores.ndim > 1 else ""
+        raise ValueError(f"{what}{column} have no spread: the held-out images were identical")
+    floor = SPREAD_FLOOR * np.abs(scores.mean(axis=0))
+    low = np.flatnonzero(stds < floor)
+    if low.size:
+        logger.warning(
+            "%s barely spread (std %.3g, mean %.6g): their z-scores divide by %.3g instead; "
+            "the training images may be too alike for a threshold that holds on new images",
+            what,
+            float(np.atleast_1d(stds)[low[0]]),
+            float(np.atleast_1d(scores.mean(axis=0))[low[0]]),
+            float(np.atleast_1d(floor)[low[0]]),
+        )
+    return np.maximum(stds, floor)
 
 
 @dataclass(frozen=True)
@@ -50,10 +92,11 @@ class Standardizer:
             scores = np.asarray(scores, dtype=np.float64)
             if scores.size < 2:
                 raise ValueError(f"need at least 2 held-out {name} scores, got {scores.size}")
-            std = float(scores.std(ddof=1))
-            if not std > 0.0:
-                raise ValueError(f"held-out {name} scores have no spread (std {std})")
-            stats += [float(scores.mean()), 1.0 if name == "image" and image_in_z else std]
+            if name == "image" and image_in_z:
+                stats += [float(scores.mean()), 1.0]
+                continue
+            std = float(floored_spread(scores[:, None], f"held-out {name} scores")[0])
+            stats += [float(scores.mean()), std]
         return cls(*stats)
 
     def to_dict(self) -> dict[str, float]:
@@ -80,10 +123,7 @@ class LevelStandardizer:
         level_scores = np.asarray(level_scores, dtype=np.float64)
         if level_scores.ndim != 2 or len(level_scores) < 2:
             raise ValueError(f"need (n >= 2, L) held-out level scores, got {level_scores.shape}")
-        stds = level_scores.std(axis=0, ddof=1)
-        flat = np.flatnonzero(~(stds > 0.0))
-        if flat.size:
-            raise ValueError(f"held-out scores of level column {int(flat[0])} have no spread")
+        stds = floored_spread(level_scores, "held-out level scores")
         return cls(tuple(map(float, level_scores.mean(axis=0))), tuple(map(float, stds)))
 
     def image_scores(self, level_scores: np.ndarray) -> np.ndarray:

@@ -282,6 +282,25 @@ def test_detector_without_patch_model_refuses_maps_and_patch_scores():
         detector.score([np.zeros((32, 32, 3), np.uint8)], maps=True)
 
 
+def test_a_model_that_flags_its_own_training_images_is_refused():
+    features = np.random.default_rng(0).normal(size=(40, 4))
+    folds = np.arange(40) % 5
+    detector = Detector(DetectorConfig("lite0", "9", patch=False, score="image"))
+
+    def fold_models(k):
+        return GaussianAD().fit([features[folds != k]]), None
+
+    def fold_scores(model, k):
+        rows = np.flatnonzero(folds == k)
+        return model.score_features([features[rows]], index=rows)
+
+    detector.set_models(GaussianAD().fit([features + 10.0]))  # broken: fitted elsewhere
+    with pytest.raises(ValueError, match="flags 8 of 8 of its own training images"):
+        detector.calibrate_out_of_fold(fold_models, fold_scores, folds, 0.1)
+    detector.set_models(GaussianAD().fit([features]))
+    assert detector.calibrate_out_of_fold(fold_models, fold_scores, folds, 0.1).threshold > 0
+
+
 def test_out_of_fold_scores_equal_models_fitted_without_each_fold(small_dataset, tmp_path):
     """Cross-fitting by subtraction, in memory and out-of-core, against direct refits."""
     from gaussian_ad.features.shards import create_store, extract_shard

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gaussian_ad.stats.calibration import MAX_NORMAL_SCORES, Calibration, combine
-from gaussian_ad.stats.fusion import LevelStandardizer, Standardizer, fuse
+from gaussian_ad.stats.fusion import SPREAD_FLOOR, LevelStandardizer, Standardizer, fuse
 
 
 @pytest.fixture
@@ -128,13 +128,26 @@ def test_standardised_levels_sum_each_levels_z_score():
 
 
 def test_standardised_levels_refuse_flat_or_mismatched_scores():
-    with pytest.raises(ValueError, match="level column 1 have no spread"):
+    with pytest.raises(ValueError, match=r"level scores \(column 1\) have no spread"):
         LevelStandardizer.fit(np.column_stack([np.arange(5.0), np.ones(5)]))
     with pytest.raises(ValueError, match="n >= 2"):
         LevelStandardizer.fit(np.ones((1, 3)))
     levels = LevelStandardizer.fit(np.random.default_rng(0).normal(size=(10, 3)))
     with pytest.raises(ValueError, match=r"expected \(n, 3\)"):
         levels.image_scores(np.ones((2, 4)))
+
+
+def test_a_near_zero_spread_is_floored_with_a_warning(caplog):
+    rounding = np.array([10.0, 10.0 + 1e-9, 10.0 - 1e-9, 10.0])  # float rounding, not images
+    with caplog.at_level(logging.WARNING, logger="gaussian_ad.stats.fusion"):
+        standardizer = Standardizer.fit(np.array([1.0, 2.0, 3.0, 4.0]), rounding)
+        levels = LevelStandardizer.fit(np.column_stack([np.arange(4.0), rounding]))
+    assert standardizer.patch_std == pytest.approx(SPREAD_FLOOR * 10.0)
+    assert levels.stds[1] == pytest.approx(SPREAD_FLOOR * 10.0)
+    assert levels.stds[0] == pytest.approx(np.arange(4.0).std(ddof=1))  # a real spread stays
+    assert "barely spread" in caplog.text and "patch scores" in caplog.text
+    new_image = np.array([[1.5, 10.0 + 1e-6]])  # rounding-sized change: not an outlier
+    assert abs(levels.image_scores(new_image)[0]) < 1.0
 
 
 def test_with_standardised_levels_the_patch_z_score_counts_as_one_more_level(held):
