@@ -54,12 +54,13 @@ CATEGORY = "grain"
 
 @pytest.fixture(scope="module")
 def models(small_dataset, tmp_path_factory) -> tuple[str, str]:
-    """Two different calibrated model files of one category."""
+    """Two different calibrated model files of one category (at the images' own 160 px:
+    these tests are about faults, not accuracy)."""
     folder = tmp_path_factory.mktemp("models")
     paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))]
     files = []
     for name, levels in (("a", "9"), ("b", "8-9")):
-        detector = Detector(DetectorConfig(levels=levels)).fit(paths[:20])
+        detector = Detector(DetectorConfig(levels=levels, input_size=160)).fit(paths[:20])
         detector.calibrate(paths[20:])
         files.append(str(detector.save(folder / f"{name}.safetensors")))
     return files[0], files[1]
@@ -174,7 +175,7 @@ def test_identical_training_images_are_refused_with_the_reason(small_dataset, tm
 def test_a_model_without_threshold_leaves_is_anomaly_empty(small_dataset, tmp_path):
     paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))]
     # The paper's sum (standardised levels need the calibration's normals, like fusion)
-    config = DetectorConfig(levels="9", score="image", standardize_levels=False)
+    config = DetectorConfig(levels="9", score="image", standardize_levels=False, input_size=160)
     detector = Detector(config).fit(paths)
     detector.calibration_ = None  # as a model calibrated by nothing (e.g. set_models) has
     model = detector.save(tmp_path / "m.safetensors")
@@ -242,10 +243,8 @@ def test_a_fifo_appearing_after_listing_is_an_error_row_not_a_hang(awkward):
         within(30, load_rgb, str(victim))
 
 
-def test_score_reports_every_named_input(awkward, small_dataset, tmp_path):
-    paths = [r.path for r in mvtec_manifest(small_dataset, CATEGORY, splits=("train",))]
-    model = Detector(DetectorConfig(levels="9")).fit(paths[:20]).calibrate(paths[20:])
-    model_file = model.save(tmp_path / "m.safetensors")
+def test_score_reports_every_named_input(awkward, models, tmp_path):
+    model_file = models[0]  # levels 9, calibrated
     out = tmp_path / "rows.csv"
     named = [awkward / "multi.gif", awkward / "fifo.png", awkward]
     result = within(
