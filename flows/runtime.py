@@ -34,6 +34,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect_dask import DaskTaskRunner
 
 from gaussian_ad import preflight
+from gaussian_ad.cli_errors import bounded_exit, debugging
 
 DRAIN_AFTER_FAILURE = 3.0
 """Seconds the temporary Prefect server waits for Prefect's log and event workers after a
@@ -108,6 +109,45 @@ def check_before_run(mlflow: bool = True, dask_address: str | None = None) -> No
     if mlflow:
         preflight.mlflow_answers(os.environ.get("MLFLOW_TRACKING_URI"))
     preflight.dask_answers(dask_address or os.environ.get("GAUSSIAN_AD_DASK_ADDRESS"))
+
+
+@contextlib.contextmanager
+def flow_process() -> Iterator[str]:
+    """Around a command's flows: Ctrl-C and SIGTERM end it within seconds
+    (:func:`~gaussian_ad.cli_errors.bounded_exit`), the console log says each error in its
+    line, and Prefect's API answers (:func:`prefect_api`); yields the API's URL."""
+    with bounded_exit(), console_without_tracebacks(), prefect_api() as url:
+        yield url
+
+
+class WithoutTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does, but without its traceback or stack."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        plain = {**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None}
+        return self.inner.format(logging.makeLogRecord(plain))
+
+
+@contextlib.contextmanager
+def console_without_tracebacks() -> Iterator[None]:
+    """Prefect's console log without tracebacks, unless they were asked for (``--debug``):
+    a failed task's exception is in its log line, the run's log in Prefect's UI keeps the
+    traceback, and the command ends with one line that names the file or service."""
+    handlers = [h for h in logging.getLogger().handlers if h.formatter is not None]
+    if debugging():
+        handlers = []
+    formatters = [h.formatter for h in handlers]
+    for handler, formatter in zip(handlers, formatters, strict=True):
+        handler.setFormatter(WithoutTraceback(formatter))
+    try:
+        yield
+    finally:
+        for handler, formatter in zip(handlers, formatters, strict=True):
+            handler.setFormatter(formatter)
 
 
 @contextlib.contextmanager

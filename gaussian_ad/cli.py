@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from gaussian_ad.cli_errors import DEBUG_ENV, PlainErrorsGroup, bounded_exit, write_stdout
+from gaussian_ad.cli_errors import DEBUG_ENV, PlainErrorsGroup, write_stdout
 
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -648,11 +648,11 @@ def train(
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise typer.BadParameter(problems) from None
-    from gaussian_ad_flows.runtime import check_before_run, prefect_api
+    from gaussian_ad_flows.runtime import check_before_run, flow_process
     from gaussian_ad_flows.train import train_all
 
     check_before_run(dask_address=dask_address)
-    with bounded_exit(), prefect_api():
+    with flow_process():
         train_all(str(data_root), category or None, dask_address, options)
 
 
@@ -683,7 +683,7 @@ def score_archive(
     if (model is None) == (category is None):
         raise typer.BadParameter("give --model or --category (one of them)")
     _, loader = _configs(device=device, batch_size=batch_size, workers=workers)
-    from gaussian_ad_flows.runtime import check_before_run, prefect_api
+    from gaussian_ad_flows.runtime import check_before_run, flow_process
     from gaussian_ad_flows.score import score as score_flow
 
     from gaussian_ad.preflight import writable_folder
@@ -693,7 +693,7 @@ def score_archive(
     local_file = model is not None and "://" not in model and Path(model).is_file()
     check_before_run(mlflow=not local_file)
     try:
-        with bounded_exit(), prefect_api():
+        with flow_process():
             score_flow(
                 source,
                 model=model,
@@ -763,10 +763,10 @@ def demo(out_dir: Annotated[Path, typer.Argument(help="where the demo writes")] 
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from gaussian_ad_flows.demo import run_demo
-    from gaussian_ad_flows.runtime import check_before_run, prefect_api
+    from gaussian_ad_flows.runtime import check_before_run, flow_process
 
     check_before_run()
-    with bounded_exit(), prefect_api():
+    with flow_process():
         run_demo(out_dir)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from distributed import get_worker
+from gaussian_ad_tasks.retries import worth_retrying
 from prefect import task
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
@@ -13,7 +14,7 @@ from gaussian_ad.store.feature_store import FeatureStore
 from gaussian_ad.store.plan import TrainingPlan
 
 
-@task(name="prepare-store", retries=2, retry_delay_seconds=2)
+@task(name="prepare-store", retries=2, retry_condition_fn=worth_retrying, retry_delay_seconds=2)
 def prepare_store(
     url: str, plan: TrainingPlan, config: DetectorConfig, loader: LoaderOptions, shard_size: int
 ) -> list[int]:
@@ -23,7 +24,7 @@ def prepare_store(
     return store.pending_shards()
 
 
-@task(name="extract-shard", retries=2, retry_delay_seconds=5)
+@task(name="extract-shard", retries=2, retry_condition_fn=worth_retrying, retry_delay_seconds=5)
 def extract_shard_task(
     url: str,
     shard: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from gaussian_ad_tasks.retries import worth_retrying
 from prefect import task
 
 from gaussian_ad.config import DetectorConfig, LoaderOptions
@@ -12,7 +13,7 @@ from gaussian_ad.evaluation.evaluate import Evaluation, evaluate_store
 from gaussian_ad.store.feature_store import FeatureStore
 
 
-@task(name="fit-statistics", retries=1, retry_delay_seconds=5)
+@task(name="fit-statistics", retries=1, retry_condition_fn=worth_retrying, retry_delay_seconds=5)
 def fit_statistics(
     url: str,
     rows: np.ndarray,
@@ -28,7 +29,7 @@ def fit_statistics(
     return detector.oof_scores_
 
 
-@task(name="evaluate", retries=1)
+@task(name="evaluate", retries=1, retry_condition_fn=worth_retrying)
 def evaluate(
     url: str, model_path: str, loader: LoaderOptions, heldout: Scores, test_rows: np.ndarray
 ) -> Evaluation:

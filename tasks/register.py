@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
+from gaussian_ad_tasks.retries import worth_retrying
 from prefect import task
 
 from gaussian_ad.config import LoaderOptions
@@ -14,7 +15,7 @@ from gaussian_ad.registry.mlflow_model import TrainingRecord, record_training
 from gaussian_ad.store.feature_store import FeatureStore
 
 
-@task(name="register-model", retries=2, retry_delay_seconds=5)
+@task(name="register-model", retries=2, retry_condition_fn=worth_retrying, retry_delay_seconds=5)
 def register_model(
     tracking: tuple[str, str],
     url: str,

@@ -6,6 +6,7 @@ from functools import lru_cache
 from typing import Any
 
 import mlflow
+from gaussian_ad_tasks.retries import worth_retrying
 from prefect import task
 
 from gaussian_ad.config import LoaderOptions
@@ -23,13 +24,13 @@ def worker_detector(model_uri: str, tracking: str, loader: LoaderOptions) -> Det
     return load_detector(model_uri, loader)
 
 
-@task(name="list-source", retries=2, retry_delay_seconds=2)
+@task(name="list-source", retries=2, retry_condition_fn=worth_retrying, retry_delay_seconds=2)
 def list_source_task(source: str) -> tuple[list[SourceItem], list[ImageError]]:
     """Every image of the source, sorted, and the members rejected while listing."""
     return list_source(source)
 
 
-@task(name="score-shard", retries=2, retry_delay_seconds=5)
+@task(name="score-shard", retries=2, retry_condition_fn=worth_retrying, retry_delay_seconds=5)
 def score_shard_task(
     items: list[SourceItem],
     shard: int,

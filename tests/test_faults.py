@@ -621,6 +621,32 @@ def test_write_table_removes_its_temporary_file_on_a_full_disk(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def full_disk(tmp_path) -> Path:
+    """A 16 KiB tmpfs: the scoring run's first parts fill it (mounting needs root)."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("a full disk is a tmpfs mounted here, which needs root")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_ends_the_flow_in_one_line_without_retries(models, source, full_disk):
+    env = {**os.environ, "GAUSSIAN_AD_HOME": str(full_disk.parent / "home")}
+    env.pop("PREFECT_API_URL", None)  # the CLI's own temporary server, as a user runs it
+    command = [sys.executable, "-m", "gaussian_ad.cli", "score-archive", source]
+    command += ["--model", models[0], "--out", str(full_disk), "--shard-size", "64"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 1, run.stderr
+    last = run.stderr.splitlines()[-1]
+    assert last.startswith(f"error: {full_disk}/") and "(ENOSPC)" in last, run.stderr
+    # The task's failure is said in its log line, not retried, and no traceback is printed.
+    assert "Traceback" not in run.stderr and "Retry" not in run.stderr, run.stderr
+    assert not list(full_disk.rglob("*.tmp")) and not (full_disk / ".run.lock").exists()
+
+
 def test_an_mlflow_that_refuses_connections_stops_train_at_once(
     small_dataset, tmp_path, monkeypatch
 ):
