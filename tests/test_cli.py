@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -38,9 +39,16 @@ def test_evaluate_reaches_the_target_auroc_on_every_category(small_dataset, tmp_
     assert "mean +- SEM" in text
 
 
-def test_fit_then_score_writes_one_row_per_image(small_dataset, tmp_path):
-    model = tmp_path / "disc.safetensors"
+@pytest.fixture(scope="module")
+def disc_model(small_dataset, tmp_path_factory):
+    """``fit --category disc --levels 7-9`` (otherwise the defaults), once for the module."""
+    model = tmp_path_factory.mktemp("disc") / "disc.safetensors"
     invoke("fit", small_dataset, "--category", "disc", "--levels", "7-9", "--out", model)
+    return model
+
+
+def test_fit_then_score_writes_one_row_per_image(small_dataset, disc_model, tmp_path):
+    model = disc_model
     broken = tmp_path / "imgs" / "broken.png"
     broken.parent.mkdir()
     broken.write_text("not an image")
@@ -67,11 +75,10 @@ def test_fit_then_score_writes_one_row_per_image(small_dataset, tmp_path):
     assert "broken.png" in output and "not an image" in output
 
 
-def test_score_command_imports_only_what_scoring_needs(small_dataset, tmp_path):
+def test_score_command_imports_only_what_scoring_needs(small_dataset, disc_model, tmp_path):
     # Every score call and worker pays for what it imports: scikit-learn, SciPy, matplotlib,
     # MLflow, Prefect, Dask and Zarr cost 0.2-2 s of CPU each and scoring needs none of them.
-    model = tmp_path / "disc.safetensors"
-    invoke("fit", small_dataset, "--category", "disc", "--levels", "7-9", "--out", model)
+    model = disc_model
     image = next((small_dataset / "disc" / "test").rglob("*.png"))
     out = tmp_path / "scores.csv"
     heavy = ("sklearn", "scipy", "matplotlib", "mlflow", "prefect", "dask", "distributed", "zarr")
@@ -245,7 +252,8 @@ def test_extract_flags_shape_the_store(small_dataset, tmp_path, caplog):
 def test_fit_flags_reach_the_saved_model(small_dataset, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     default, tuned = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    invoke("fit", small_dataset, "--category", "grain", "--levels", "8", "--out", default)
+    small = ("--input-size", 160)  # the images' own side: the flags, not the accuracy
+    invoke("fit", small_dataset, "--category", "grain", "--levels", "8", *small, "--out", default)
     invoke(
         "fit",
         small_dataset,
@@ -253,6 +261,7 @@ def test_fit_flags_reach_the_saved_model(small_dataset, tmp_path, caplog):
         "grain",
         "--levels",
         "8",
+        *small,
         "--out",
         tuned,
         "--reduction",
@@ -283,7 +292,8 @@ def test_fit_flags_reach_the_saved_model(small_dataset, tmp_path, caplog):
 
 def test_score_runtime_flags_reach_the_loader(small_dataset, tmp_path, caplog):
     model = tmp_path / "m.safetensors"
-    invoke("fit", small_dataset, "--category", "disc", "--levels", "9", "--out", model)
+    args = ("--levels", "9", "--input-size", 160)  # the images' own side
+    invoke("fit", small_dataset, "--category", "disc", *args, "--out", model)
     caplog.set_level(logging.INFO)
     invoke(
         "score", model, small_dataset / "disc" / "test" / "good", "--batch-size", 3, "--workers", 1
