@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.services, after PYTHONPATH
 from machine import machine_summary  # noqa: E402
 
 CLI = [sys.executable, "-m", "gaussian_ad.cli"]
@@ -43,9 +44,10 @@ def run(
     shell_prefix: str = "",
     signal_when: Callable[[], bool] | None = None,
     sig: int = signal.SIGINT,
+    fault: Callable[[], None] | None = None,
 ) -> dict:
-    """Run the CLI with ``args``; with ``signal_when``, send ``sig`` once it holds and time
-    the exit from the signal."""
+    """Run the CLI with ``args``; with ``signal_when``, send ``sig`` (or cause ``fault``)
+    once it holds and time the exit from then."""
     command = CLI + args
     if shell_prefix:
         command = ["bash", "-c", f'{shell_prefix}; exec "$@"', "bash", *command]
@@ -62,7 +64,7 @@ def run(
     if signal_when is not None:
         while process.poll() is None and time.monotonic() - started < cap:
             if signal_when():
-                process.send_signal(sig)
+                fault() if fault else process.send_signal(sig)
                 signalled = time.monotonic()
                 break
             time.sleep(0.05)
@@ -77,7 +79,7 @@ def run(
     lines = [line for line in stderr.splitlines() if line.strip()]
     return {
         "seconds": round(elapsed, 1),
-        "from": "signal" if signalled else "start",
+        "from": ("fault" if fault else "signal") if signalled else "start",
         "exit": code,
         "stderr_lines": len(lines),
         "last": lines[-1][:200] if lines else "",
@@ -163,6 +165,24 @@ def main() -> None:
         result["stdout_bytes"] = (root / "stdout.txt").stat().st_size
         return result
 
+    def mlflow_lost() -> dict:
+        """train with an ``mlflow server`` stopped once the feature store is being written."""
+        from tests.services import mlflow_server, stop
+
+        (root / "mlflow").mkdir()
+        server, uri = mlflow_server(root / "mlflow")
+        home = root / "home-lost"
+        try:
+            return run(
+                ["train", str(data), "--category", "grain", "--shard-size", "8"],
+                cap,
+                env={"MLFLOW_TRACKING_URI": uri, "GAUSSIAN_AD_HOME": str(home)},
+                signal_when=lambda: any(home.rglob("*.zarr")),
+                fault=lambda: stop(server),
+            ) | {"stores_kept": len(list(home.rglob("*.zarr")))}
+        finally:
+            stop(server)
+
     ro_out = readonly / "out.csv" if mounted else root / "afile" / "out.csv"
     faults: dict[str, Callable[[], dict]] = {
         "score --out into a read-only folder": lambda: run(
@@ -182,6 +202,7 @@ def main() -> None:
                 "GAUSSIAN_AD_HOME": str(root / "home-train"),
             },
         ),  # fmt: skip
+        "train, MLflow stopped mid-run": mlflow_lost,
         "score-archive, PREFECT_HOME under a missing folder": lambda: run(
             archive(root / "out-home"),
             cap,

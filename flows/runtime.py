@@ -117,7 +117,25 @@ def flow_process() -> Iterator[str]:
     (:func:`~gaussian_ad.cli_errors.bounded_exit`), the console log says each error in its
     line, and Prefect's API answers (:func:`prefect_api`); yields the API's URL."""
     with bounded_exit(), console_without_tracebacks(), prefect_api() as url:
-        yield url
+        try:
+            yield url
+        except Exception as error:
+            raise_if_services_lost(error)
+            raise
+
+
+def raise_if_services_lost(error: Exception) -> None:
+    """After a failed run, say that a service it talked to stopped answering (the cause of
+    ``error`` then, under whatever name the client gave it) as a
+    :class:`~gaussian_ad.preflight.PreflightError`; return if every service answers."""
+    timeout = min(preflight.SERVICE_TIMEOUT, 2.0)
+    try:
+        preflight.mlflow_answers(os.environ.get("MLFLOW_TRACKING_URI"), timeout)
+        preflight.dask_answers(os.environ.get("GAUSSIAN_AD_DASK_ADDRESS"), timeout)
+    except preflight.PreflightError as lost:
+        raise preflight.PreflightError(
+            f"{lost} (lost during the run; what was finished is kept: rerun to continue)"
+        ) from error
 
 
 class WithoutTraceback(logging.Formatter):

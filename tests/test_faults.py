@@ -657,6 +657,22 @@ def test_an_mlflow_that_refuses_connections_stops_train_at_once(
     assert "MLflow at http://127.0.0.1:9 does not answer" in line and "refused" in line
 
 
+def test_a_service_lost_during_a_run_is_named_as_the_cause(prefect_harness, monkeypatch):
+    from gaussian_ad_flows.runtime import flow_process
+    from mlflow.exceptions import MlflowException
+
+    from gaussian_ad.preflight import PreflightError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # stopped meanwhile
+    lost = r"MLflow at http://127.0.0.1:9 does not answer .* \(lost during the run; what was"
+    with pytest.raises(PreflightError, match=lost) as raised, flow_process():
+        raise MlflowException("API request to http://127.0.0.1:9/api/2.0/mlflow/runs/get failed")
+    assert isinstance(raised.value.__cause__, MlflowException)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # every service answers: the run's own error
+    with pytest.raises(ValueError, match="a bad shard"), flow_process():
+        raise ValueError("a bad shard")
+
+
 def test_an_unreachable_dask_scheduler_or_prefect_api_stops_the_run(
     small_dataset, models, source, tmp_path, monkeypatch
 ):
