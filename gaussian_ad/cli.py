@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from gaussian_ad import preflight
 from gaussian_ad.cli_errors import DEBUG_ENV, PlainErrorsGroup, write_stdout
 
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -200,6 +201,8 @@ def extract(
     workers: WorkersOpt = 2,
 ) -> None:
     """Extract train/good features into a Zarr store; resumes an interrupted extraction."""
+    if "://" not in store:  # a local store: its folder takes writes, checked before the work
+        preflight.writable_folder(Path(store).expanduser().parent, f"--store {store}: its folder")
     from tqdm.auto import tqdm
 
     from gaussian_ad.data.images import mvtec_manifest
@@ -271,11 +274,10 @@ def fit(
     """
     from gaussian_ad.data.images import folder_manifest, mvtec_manifest
     from gaussian_ad.detection.detector import Detector
-    from gaussian_ad.preflight import writable_file
 
     if (data_root is None) == (store is None):
         raise typer.BadParameter("give DATA_ROOT or --store (not both)")
-    writable_file(out, "--out")
+    preflight.writable_file(out, "--out")
     if store is not None:
         from gaussian_ad.store.feature_store import FeatureStore
 
@@ -350,13 +352,12 @@ def score(
     unreadable image is a row with its reason."""
     from dataclasses import replace
 
-    from gaussian_ad.preflight import writable_file, writable_folder
     from gaussian_ad.scoring.tables import check_table_path
 
     if out is not None:  # where the rows go, before any image is decoded
-        writable_file(check_table_path(out), "--out")
+        preflight.writable_file(check_table_path(out), "--out")
     if maps is not None:
-        writable_folder(maps, "--maps folder")
+        preflight.writable_folder(maps, "--maps folder")
     elif all_maps:
         raise typer.BadParameter("--all-maps: give the --maps folder to write them to")
     with _loading():
@@ -453,10 +454,9 @@ def evaluate(
     (summed and per level; with --patch also patch, fused, pixel AUROC and PRO)."""
     from gaussian_ad.data.images import mvtec_categories
     from gaussian_ad.evaluation.evaluate import evaluate_category, summary
-    from gaussian_ad.preflight import writable_file
 
     if json_out:
-        writable_file(json_out, "--json")
+        preflight.writable_file(json_out, "--json")
 
     config, loader = _configs(
         backbone,
@@ -522,10 +522,9 @@ def select_configuration(
     """
     from gaussian_ad.data.images import mvtec_manifest
     from gaussian_ad.evaluation.selection import select_on_normals
-    from gaussian_ad.preflight import writable_file
 
     if json_out:
-        writable_file(json_out, "--json")
+        preflight.writable_file(json_out, "--json")
 
     if n_per_kind < 1:
         raise typer.BadParameter(f"n-per-kind: must be >= 1, got {n_per_kind}")
@@ -593,8 +592,6 @@ def train(
     they take exactly one --category.
     """
     from dataclasses import replace
-
-    from gaussian_ad import preflight
 
     # The services first, before the flows' imports (seconds of CPU): a stopped MLflow
     # is said at once.
@@ -686,10 +683,9 @@ def score_archive(
     from gaussian_ad_flows.runtime import check_before_run, flow_process
     from gaussian_ad_flows.score import score as score_flow
 
-    from gaussian_ad.preflight import writable_folder
     from gaussian_ad.scoring.run import RunConflict
 
-    writable_folder(out, "--out")
+    preflight.writable_folder(out, "--out")
     local_file = model is not None and "://" not in model and Path(model).is_file()
     check_before_run(mlflow=not local_file)
     try:

@@ -157,7 +157,7 @@ def test_score_archive_refusal_is_one_line_with_exit_code_2(
     args = ["score-archive", source, "--model", models[0], "--out", str(out)]
     assert runner.invoke(app, [*args, "--shard-size", "8"]).exit_code == 0
     result = runner.invoke(app, [*args, "--shard-size", "3"])
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "refused:" in result.output and "shard size 3" in result.output
 
 
@@ -533,6 +533,14 @@ def test_score_into_an_unwritable_folder_fails_before_any_image(models, source, 
     line = one_line_error(result)
     assert str(unwritable) in line and "--out" in line
     assert not out.exists()
+
+
+def test_extract_into_an_unwritable_folder_fails_before_the_backbone(small_dataset, unwritable):
+    store = unwritable / "features.zarr"
+    args = ["extract", str(small_dataset), "--category", CATEGORY, "--store", str(store)]
+    line = one_line_error(CliRunner().invoke(app, args))
+    assert f"--store {store}: its folder {unwritable}: cannot write there" in line
+    assert not store.exists()
 
 
 @pytest.mark.parametrize(
