@@ -17,6 +17,8 @@ from gaussian_ad.data.images import mvtec_manifest  # noqa: E402
 from gaussian_ad.data.synthetic import make_dataset  # noqa: E402
 from tests.services import mlflow_server, stop  # noqa: E402
 
+pytest_plugins = ["tests.fault_support"]  # its fixtures, for the fault-injection test files
+
 
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
