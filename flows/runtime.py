@@ -155,9 +155,8 @@ def console_without_tracebacks() -> Iterator[None]:
     """Prefect's console log without tracebacks, unless they were asked for (``--debug``):
     a failed task's exception is in its log line, the run's log in Prefect's UI keeps the
     traceback, and the command ends with one line that names the file or service."""
-    handlers = [h for h in logging.getLogger().handlers if h.formatter is not None]
-    if debugging():
-        handlers = []
+    root = logging.getLogger()
+    handlers = [] if debugging() else [h for h in root.handlers if h.formatter is not None]
     formatters = [h.formatter for h in handlers]
     for handler, formatter in zip(handlers, formatters, strict=True):
         handler.setFormatter(WithoutTraceback(formatter))

@@ -32,7 +32,7 @@ spread makes any new image an outlier by thousands of standard deviations."""
 
 
 def floored_spread(scores: np.ndarray, what: str) -> np.ndarray:
-    """The standard deviations (ddof=1) of ``scores`` along axis 0, each at least
+    """The standard deviations (ddof=1) of the (n, k) ``scores``' columns, each at least
     :data:`SPREAD_FLOOR` times the magnitude of its mean (with a warning); no spread at all
     is refused: the held-out images were identical.
 
@@ -48,18 +48,20 @@ def floored_spread(scores: np.ndarray, what: str) -> np.ndarray:
     stds = scores.std(axis=0, ddof=1)
     flat = np.flatnonzero(~(stds > 0.0))
     if flat.size:
-        column = f" (column {int(flat[0])})" if scores.ndim > 1 else ""
+        column = f" (column {int(flat[0])})" if scores.shape[1] > 1 else ""
         raise ValueError(f"{what}{column} have no spread: the held-out images were identical")
-    floor = SPREAD_FLOOR * np.abs(scores.mean(axis=0))
+    means = scores.mean(axis=0)
+    floor = SPREAD_FLOOR * np.abs(means)
     low = np.flatnonzero(stds < floor)
     if low.size:
+        first = low[0]
         logger.warning(
             "%s barely spread (std %.3g, mean %.6g): their z-scores divide by %.3g instead; "
             "the training images may be too alike for a threshold that holds on new images",
             what,
-            float(np.atleast_1d(stds)[low[0]]),
-            float(np.atleast_1d(scores.mean(axis=0))[low[0]]),
-            float(np.atleast_1d(floor)[low[0]]),
+            stds[first],
+            means[first],
+            floor[first],
         )
     return np.maximum(stds, floor)
 
