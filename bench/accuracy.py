@@ -43,8 +43,8 @@ DEVDATA = Path(__file__).resolve().parents[1].parent / "shared" / "devdata"
 DEFAULT_ROOTS = [DEVDATA / "visa", DEVDATA / "magnetic_tile"]
 # name -> DetectorConfig fields (besides patch=True): the paper's method (summed levels),
 # PaDiM-like per-position patches, position-free patches, each fused with the image score,
-# and the image and both fused scores with standardised levels (fused-free-std: the
-# default).
+# and the image and the fused scores with standardised levels (fused-auto-std, the pooling
+# chosen from the normals: the default).
 SUMMED = {"standardize_levels": False}
 CANDIDATES: dict[str, dict] = {
     "image": {"score": "image", **SUMMED},
@@ -56,6 +56,7 @@ CANDIDATES: dict[str, dict] = {
     "image-std": {"score": "image", "standardize_levels": True},
     "fused-free-std": {"score": "fused", "patch_pool_radius": None, "standardize_levels": True},
     "fused-pos-std": {"score": "fused", "patch_pool_radius": 0, "standardize_levels": True},
+    "fused-auto-std": {"score": "fused", "patch_pool_radius": "auto", "standardize_levels": True},
 }
 
 PREVIOUS_DEFAULT = "fused-free-std"  # the default before the present one, for the protocol

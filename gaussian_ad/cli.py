@@ -68,8 +68,9 @@ InputSizeOpt = Annotated[
 PatchPoolOpt = Annotated[
     str,
     typer.Option(
-        help="patch Gaussians: all one position-free Gaussian (the default: any product), "
-        "0 one per position (aligned products), r pooled over r grid cells around it"
+        help="patch Gaussians: auto (the default) chooses all or 0 from the good images, "
+        "all one position-free Gaussian (any product), 0 one per position (aligned "
+        "products), r pooled over r grid cells around it"
     ),
 ]
 StandardizeOpt = Annotated[
@@ -98,7 +99,7 @@ def _configs(
     device: str | None = None,
     batch_size: int = 32,
     workers: int = 2,
-    patch_pool: str = "all",
+    patch_pool: str = "auto",
     input_size: int | None = None,
     standardize_levels: bool = True,
 ):
@@ -128,14 +129,15 @@ def _configs(
     return config, loader
 
 
-def _pool_radius(text: str) -> int | None:
-    """``all`` -> None (position-free), else a radius in grid cells."""
-    if text.strip().lower() == "all":
-        return None
+def _pool_radius(text: str) -> int | str | None:
+    """``auto`` as is, ``all`` -> None (position-free), else a radius in grid cells."""
+    word = text.strip().lower()
+    if word in ("auto", "all"):
+        return None if word == "all" else "auto"
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"patch-pool: 'all' or a radius >= 0, got {text!r}") from None
+        raise ValueError(f"patch-pool: 'auto', 'all' or a radius >= 0, got {text!r}") from None
 
 
 @contextmanager
@@ -257,7 +259,7 @@ def fit(
         ),
     ] = None,
     score: ScoreOpt = None,
-    patch_pool: PatchPoolOpt = "all",
+    patch_pool: PatchPoolOpt = "auto",
     input_size: InputSizeOpt = None,
     standardize_levels: StandardizeOpt = True,
     target_fpr: TargetFprOpt = 0.01,
@@ -439,7 +441,7 @@ def evaluate(
     variance_threshold: VarianceOpt = 0.99,
     patch: PatchOpt = True,
     score: ScoreOpt = None,
-    patch_pool: PatchPoolOpt = "all",
+    patch_pool: PatchPoolOpt = "auto",
     input_size: InputSizeOpt = None,
     standardize_levels: StandardizeOpt = True,
     target_fpr: TargetFprOpt = 0.01,
@@ -569,7 +571,7 @@ def train(
     ] = False,
     patch: PatchOpt = True,
     score: ScoreOpt = None,
-    patch_pool: PatchPoolOpt = "all",
+    patch_pool: PatchPoolOpt = "auto",
     input_size: InputSizeOpt = None,
     standardize_levels: StandardizeOpt = True,
     select: Annotated[

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, Self, get_args
 from gaussian_ad.backbones.specs import BACKBONES, parse_levels
 
 ScoreKind = Literal["image", "patch", "fused"]
+PoolRadius = int | Literal["auto"] | None
 Reduction = Literal["pca", "npca"]
 SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
 REDUCTIONS: tuple[str | None, ...] = (None, *get_args(Reduction))
@@ -58,11 +59,13 @@ class DetectorConfig:
         On by default: maps are what a person checks a flagged image against.
     patch_grid, patch_channels : the patch layout (None grid: the stride-8 grid).
     patch_pool_radius : which training patches each grid position's Gaussian pools: 0 its
-        own position (PaDiM, aligned products), r the positions within r cells, None (the
-        default) all positions: one position-free Gaussian. It assumes nothing about where
-        the parts lie, so it holds for aligned and loose products alike, and it is the
-        better map on both real dev categories (pixel AUROC 0.972 / 0.941 against the
-        per-position 0.939 / 0.900, PRO 0.808 / 0.868 against 0.601 / 0.551).
+        own position (PaDiM, aligned products), r the positions within r cells, None all
+        positions: one position-free Gaussian. "auto" (the default) chooses between 0 and
+        None at fit from the normals alone (:mod:`gaussian_ad.stats.pooling`): position-free,
+        which assumes nothing about where the parts lie (pixel AUROC 0.972 / 0.941 against
+        the per-position 0.939 / 0.900 on capsules and fryum), unless the out-of-fold
+        normals' position-free maps mostly peak on the border, where the picture's framing
+        is normal only there (magnetic-tile crops: per-position).
     input_size : the square side images are resized to, a multiple of 32. None = the
         backbone's default side: 352 for lite0 (measured above its native 224 on real
         products), the native side for the others. Larger sides show small defects to the
@@ -92,7 +95,7 @@ class DetectorConfig:
     patch: bool = True
     patch_grid: int | None = None
     patch_channels: int = DEFAULT_PATCH_CHANNELS
-    patch_pool_radius: int | None = None
+    patch_pool_radius: PoolRadius = "auto"
     input_size: int | None = None
     seed: int = 0
     pretrained: bool = True
@@ -131,10 +134,13 @@ class DetectorConfig:
             raise ValueError(
                 f"input_size: must be a multiple of 32 in [32, 2048] or None, got {self.input_size}"
             )
-        if self.patch_pool_radius is not None and self.patch_pool_radius < 0:
-            raise ValueError(
-                f"patch_pool_radius: must be >= 0 or None, got {self.patch_pool_radius}"
-            )
+        radius = self.patch_pool_radius
+        if (
+            radius != "auto"
+            and radius is not None
+            and (not isinstance(radius, int) or isinstance(radius, bool) or radius < 0)
+        ):
+            raise ValueError(f"patch_pool_radius: must be >= 0, None or 'auto', got {radius!r}")
 
     @property
     def image_size(self) -> int:
@@ -150,7 +156,7 @@ class DetectorConfig:
         """One line for titles: backbone and side, levels, score and how levels add up.
 
         >>> DetectorConfig().describe()
-        'lite0 at 352 px, levels 1-9, fused score of standardised levels, position-free maps'
+        'lite0 at 352 px, levels 1-9, fused score of standardised levels, auto-pooled maps'
         >>> DetectorConfig(patch=False, levels="7").describe()
         'lite0 at 352 px, levels 7, image score of standardised levels'
         """
@@ -164,7 +170,9 @@ class DetectorConfig:
         maps = ""
         if self.patch:
             radius = self.patch_pool_radius
-            pooling = {None: "position-free", 0: "per-position"}.get(radius, f"pooled r={radius}")
+            pooling = {None: "position-free", 0: "per-position", "auto": "auto-pooled"}.get(
+                radius, f"pooled r={radius}"
+            )
             maps = f", {pooling} maps"
         return (
             f"{self.backbone} at {self.image_size} px, levels {span}, "

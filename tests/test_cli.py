@@ -363,7 +363,8 @@ def test_patch_pool_flag_sets_the_pooling_radius():
     assert _configs(patch=True, patch_pool="all")[0].patch_pool_radius is None
     assert _configs(patch=True, patch_pool="2")[0].patch_pool_radius == 2
     assert _configs(patch=True, patch_pool="0")[0].patch_pool_radius == 0
-    assert _configs()[0].patch and _configs()[0].patch_pool_radius is None  # the default
+    assert _configs(patch=True, patch_pool="AUTO")[0].patch_pool_radius == "auto"
+    assert _configs()[0].patch and _configs()[0].patch_pool_radius == "auto"  # the default
     for bad in ("-1", "some"):
         with pytest.raises(typer.BadParameter, match="patch"):
             _configs(patch=True, patch_pool=bad)

@@ -37,6 +37,7 @@ from gaussian_ad.stats.fusion import LevelStandardizer, level_image_scores
 from gaussian_ad.stats.gaussian import GaussianAD
 from gaussian_ad.stats.moments import BatchMoments
 from gaussian_ad.stats.patch_gaussian import PatchGaussian
+from gaussian_ad.stats.pooling import PoolChoice, peaks_on_border
 from gaussian_ad.store.plan import fold_ids
 
 if TYPE_CHECKING:  # the store modules import Dask, distributed and Zarr: only where used
@@ -66,6 +67,8 @@ class Detector:
     model_ : GaussianAD, the image-level model.
     patch_model_, patch_layout_ : the patch-level model and its layout (None without).
     calibration_ : the threshold and the fused score's standardiser (None until calibrated).
+    pool_choice_ : with ``patch_pool_radius="auto"``, the pooling chosen at fit and its
+        evidence (:class:`~gaussian_ad.stats.pooling.PoolChoice`); else None.
     errors_ : the training images that could not be read.
     """
 
@@ -151,6 +154,17 @@ class Detector:
         levels = pick_levels(passed.pooled, passed.levels, self.config.image_levels)
         folds = fold_ids(keys, seed=self.config.seed)  # the folds a store of them would get
         patches, patch_total = passed.patches, passed.patch_sums
+        self.pool_choice_ = None
+        if patch_total is not None and layout is not None:
+            self.pool_choice_ = self._choose_pooling(
+                lambda k: (
+                    patch_total - BatchMoments.from_array(patches[folds == k], patch_total.shift)
+                ),
+                lambda k: np.flatnonzero(folds == k),
+                patches.__getitem__,
+                int(folds.max()) + 1,
+                layout.grid,
+            )
         self.set_models(
             self._image_model().fit(levels),
             None if patch_total is None else self._patch_model().fit_moments(patch_total),
@@ -221,11 +235,25 @@ class Detector:
         image_total = [sum(parts) for parts in zip(*image_parts, strict=True)]
         if image_base is not None:
             image_total = [a + b for a, b in zip(image_base, image_total, strict=True)]
-        keep = self._patch_model().kept_moments  # a position-free model keeps pooled sums
+        choosing = patch_base is None and self.config.patch_pool_radius == "auto"
+        # A position-free model keeps pooled sums; the choice needs the per-position ones
+        keep = (lambda m: m) if choosing else self._patch_model().kept_moments
         patch_parts = [keep(patch_moments(store, mask)) for mask in masks] if layout else []
         patch_total = None
         if layout is not None:
             patch_total = sum(patch_parts) if patch_base is None else patch_base + sum(patch_parts)
+        if choosing and layout is not None:
+            self.pool_choice_ = self._choose_pooling(
+                lambda k: patch_total - patch_parts[k],
+                lambda k: rows[folds == k],
+                store.read_patches,
+                len(masks),
+                layout.grid,
+            )
+            patch_parts = [self._patch_model().kept_moments(p) for p in patch_parts]
+            patch_total = self._patch_model().kept_moments(patch_total)
+        elif patch_base is None:
+            self.pool_choice_ = None
 
         def image_model(k: int | None) -> GaussianAD:
             """The image-level model without fold ``k`` (None: with every fold)."""
@@ -303,8 +331,58 @@ class Detector:
                 "kept: are the training images nearly identical?"
             )
 
+    def _choose_pooling(
+        self,
+        held_out_sums: Callable[[int], BatchMoments],
+        fold_rows: Callable[[int], np.ndarray],
+        read_patches: Callable[[np.ndarray], np.ndarray],
+        n_folds: int,
+        grid: int,
+    ) -> PoolChoice | None:
+        """With ``patch_pool_radius="auto"``, choose the pooling from where the normals'
+        out-of-fold position-free score grids peak (:mod:`gaussian_ad.stats.pooling`);
+        else None. ``held_out_sums(k)`` are the per-position sums without fold ``k``,
+        whose patches ``read_patches(fold_rows(k))`` gives, ``STORE_CHUNK`` rows at a time."""
+        if self.config.patch_pool_radius != "auto":
+            return None
+        on_border = []
+        for k in range(n_folds):
+            free = PatchGaussian(pool_radius=None).fit_moments(held_out_sums(k), grid)
+            rows = fold_rows(k)
+            for start in range(0, len(rows), STORE_CHUNK):
+                chunk = read_patches(rows[start : start + STORE_CHUNK])
+                on_border.append(peaks_on_border(free.score_maps(chunk)))
+        choice = PoolChoice.from_peaks(np.concatenate(on_border), grid)
+        logger.info(
+            "patch model: %s (the position-free maps of %.0f%% of %d out-of-fold normals "
+            "peak on the border ring)",
+            choice.label,
+            100 * choice.border_peak_share,
+            choice.n_images,
+        )
+        return choice
+
+    @property
+    def pool_radius(self) -> int | None:
+        """The patch model's pooling: the configuration's, or the one chosen at fit."""
+        radius = self.config.patch_pool_radius
+        if radius != "auto":
+            return radius
+        choice = getattr(self, "pool_choice_", None)
+        if choice is None:
+            raise NotFittedError("patch_pool_radius='auto' is chosen at fit: call fit() first")
+        return choice.radius
+
     def _patch_model(self) -> PatchGaussian:
-        return PatchGaussian(pool_radius=self.config.patch_pool_radius)
+        return PatchGaussian(pool_radius=self.pool_radius)
+
+    def describe(self) -> str:
+        """The configuration's one line (:meth:`DetectorConfig.describe`), with the pooling
+        chosen at fit in place of "auto"."""
+        choice = getattr(self, "pool_choice_", None)
+        if choice is None:
+            return self.config.describe()
+        return self.config.replace(patch_pool_radius=choice.radius).describe() + " (auto)"
 
     def _image_model(self) -> GaussianAD:
         return GaussianAD(
@@ -326,10 +404,12 @@ class Detector:
                 f"patch={self.config.patch} needs "
                 + ("a patch model and its layout" if self.config.patch else "no patch model")
             )
-        if patch_model is not None and patch_model.pool_radius != self.config.patch_pool_radius:
+        configured = self.config.patch_pool_radius
+        allowed = (0, None) if configured == "auto" else (configured,)
+        if patch_model is not None and patch_model.pool_radius not in allowed:
             raise ValueError(
                 f"the patch model pools radius {patch_model.pool_radius}, the configuration "
-                f"{self.config.patch_pool_radius}"
+                f"{configured!r}"
             )
         if len(model.n_features_in_) != len(self.config.image_levels):
             raise ValueError(
@@ -486,6 +566,8 @@ class Detector:
             "weights_fingerprint": self.weights_fingerprint_,
             "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
         }
+        if getattr(self, "pool_choice_", None) is not None:
+            metadata["pool_choice"] = self.pool_choice_.to_dict()
         if self.patch_model_ is not None and self.patch_layout_ is not None:
             metadata["patch_file"] = patch_path(path).name
             metadata["patch_layout"] = self.patch_layout_.to_dict()
@@ -519,6 +601,8 @@ class Detector:
                 patch_model = PatchGaussian.load(patch_file)
                 layout = PatchLayout.from_dict(metadata["patch_layout"])
             detector.set_models(model, patch_model, layout)
+            choice = metadata.get("pool_choice")
+            detector.pool_choice_ = None if choice is None else PoolChoice.from_dict(choice)
             detector.weights_fingerprint_ = metadata.get("weights_fingerprint")
             if metadata.get("calibration") is not None:
                 detector.calibration_ = Calibration.from_dict(metadata["calibration"])

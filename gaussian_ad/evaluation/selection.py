@@ -189,6 +189,13 @@ def split_heldout(
     return list(heldout[0::2]), list(heldout[1::2])
 
 
+def _fitted_pooling(config: DetectorConfig) -> int | None:
+    """The patch model a candidate is scored with: its pooling; "auto" (only an image
+    candidate's, which ranks images without the patch model) is fitted position-free."""
+    radius = config.patch_pool_radius
+    return None if radius == "auto" else radius
+
+
 def select_configuration(
     train_paths: Sequence[ImageSource],
     heldout_paths: Sequence[ImageSource],
@@ -223,7 +230,7 @@ def select_configuration(
         layout,
     )
     patch_models: dict[int | None, tuple[PatchGaussian, np.ndarray]] = {}
-    for radius in dict.fromkeys(config.patch_pool_radius for config in configs):
+    for radius in dict.fromkeys(map(_fitted_pooling, configs)):
         patch_model = PatchGaussian(pool_radius=radius).fit_moments(fitted.patch_sums)
         scores, _ = patch_model.anomaly_maps(scored.patches, backbone.spec.image_size)
         patch_models[radius] = patch_model, scores
@@ -239,7 +246,7 @@ def select_configuration(
             image_models[key] = GaussianAD(reduction=config.reduction).fit(
                 pick_levels(fitted.pooled, backbone.levels, config.image_levels)
             )
-        patch_model, patch_scores = patch_models[config.patch_pool_radius]
+        patch_model, patch_scores = patch_models[_fitted_pooling(config)]
         detector = Detector(config, loader).set_models(image_models[key], patch_model, layout)
         levels = pick_levels(scored.pooled, backbone.levels, config.image_levels)
         scores = detector.score_features(levels, patch_scores=patch_scores)

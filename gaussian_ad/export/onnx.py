@@ -441,7 +441,7 @@ def export_onnx(
             )
         model = onnx.load(str(traced))
         model.doc_string = (
-            f"gaussian-ad detector ({detector.config.describe()}): uint8 (N, {size}, {size}, 3)"
+            f"gaussian-ad detector ({detector.describe()}): uint8 (N, {size}, {size}, 3)"
             f" RGB -> {', '.join(names)}"
         )
         onnx.helper.set_model_props(model, onnx_metadata(detector))

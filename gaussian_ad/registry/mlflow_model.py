@@ -510,7 +510,7 @@ def record_training(
     name = registered_name(category)
     config = detector.config
     n_train = detector.model_.n_samples_
-    params = {**config.to_dict(), "n_train": n_train, **params}
+    params = {**config.to_dict(), **pooling_params(detector), "n_train": n_train, **params}
     metrics = headline_metrics(evaluation, n_train)
     current = champion(name, client)
     previous = None
@@ -574,7 +574,6 @@ def log_report(
     """Log the HTML report (``report.html``) into the training's run: the evaluation of the
     store's test rows, with their masks, the detector's calibration and the registry's
     verdict (version, promotion decision and reason); returns its artifact URI."""
-    config = detector.config
     test = store.manifest.iloc[evaluation.test.index]
     report = report_data(
         f"Defect detection for {category}: model version {outcome.version}",
@@ -588,13 +587,25 @@ def log_report(
         model_version=outcome.version,
         promoted=outcome.promoted,
         promotion=outcome.reason,
-        configuration=config.describe(),
+        configuration=detector.describe(),
         first_version=outcome.promoted and outcome.champion_auroc is None,
     )
     with tempfile.TemporaryDirectory() as tmp:
         written = write_report(report, Path(tmp) / REPORT_ARTIFACT)
         client.log_artifact(outcome.run_id, str(written))
     return f"{client.get_run(outcome.run_id).info.artifact_uri}/{REPORT_ARTIFACT}"
+
+
+def pooling_params(detector: Detector) -> dict[str, Any]:
+    """With ``patch_pool_radius="auto"``, the pooling chosen at fit and its evidence (the
+    ``patch_pool_chosen`` and ``border_peak_share`` params); else nothing."""
+    choice = detector.pool_choice_ if detector.patch_model_ is not None else None
+    if choice is None:
+        return {}
+    return {
+        "patch_pool_chosen": choice.label,
+        "border_peak_share": choice.to_dict()["border_peak_share"],
+    }
 
 
 def headline_metrics(evaluation: Evaluation, n_train: int) -> dict[str, float]:

@@ -335,6 +335,7 @@ def test_out_of_fold_scores_equal_models_fitted_without_each_fold(small_dataset,
         stored = out_of_core.oof_scores_.take(rows)
         np.testing.assert_allclose(stored.level_scores, scored.level_scores, rtol=1e-4)
         np.testing.assert_allclose(stored.patch_scores, scored.patch_scores, rtol=1e-4)
+    assert out_of_core.pool_choice_ == detector.pool_choice_  # pooling chosen the same way
     assert detector.calibration_.n_normals == out_of_core.calibration_.n_normals == len(paths)
     assert out_of_core.threshold == pytest.approx(detector.threshold, rel=1e-4)
 
