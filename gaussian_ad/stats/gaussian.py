@@ -206,10 +206,11 @@ class GaussianAD(Estimator):
         self._check_params()
         levels = _as_level_list(levels)
         raw = [Moments.from_array(x) for x in levels]
-        self.fit_components(raw)
         if self.reduction is None:
-            return self.fit_moments(raw)
-        return self.fit_moments([Moments.from_array(z) for z in self.transform(levels)])
+            return self._fit_moments(raw, rows=levels)
+        self.fit_components(raw)
+        projected = self.transform(levels)
+        return self._fit_moments([Moments.from_array(z) for z in projected], rows=projected)
 
     def fit_components(self, raw_moments: Sequence[Moments]) -> Self:
         """First pass: store raw statistics and, with a reduction, choose the components.
@@ -249,11 +250,15 @@ class GaussianAD(Estimator):
         return self._fit_moments(list(moments))
 
     def _fit_moments(
-        self, moments: list[Moments], precisions: list[np.ndarray] | None = None
+        self,
+        moments: list[Moments],
+        precisions: list[np.ndarray] | None = None,
+        rows: Sequence[np.ndarray] | None = None,
     ) -> Self:
         """:meth:`fit_moments`, with the precisions given (saved with the model: a load
         skips the inversions, the most expensive step of a model's start-up) or computed
-        (the inverses of the Ledoit-Wolf covariances)."""
+        (the inverses of the Ledoit-Wolf covariances; from the statistics' ``rows`` where
+        given, see :func:`shrunk_precision`)."""
         self._check_params()
         moments = list(moments)
         if self.reduction is None:
@@ -273,7 +278,11 @@ class GaussianAD(Estimator):
             covariances.append(covariance)
             shrinkages.append(shrinkage)
         if precisions is None:
-            precisions = [shrunk_precision(c) for c in covariances]
+            fitted_rows = [None] * len(moments) if rows is None else rows
+            precisions = [
+                shrunk_precision(c, s, x)
+                for c, s, x in zip(covariances, shrinkages, fitted_rows, strict=True)
+            ]
         elif [p.shape for p in precisions] != [c.shape for c in covariances]:
             raise ValueError(
                 f"saved precisions of shapes {[p.shape for p in precisions]} do not fit the "

@@ -163,19 +163,58 @@ def ledoit_wolf(moments: Moments) -> tuple[np.ndarray, float]:
     return shrunk, float(shrinkage)
 
 
-def shrunk_precision(covariance: np.ndarray) -> np.ndarray:
+def shrunk_precision(
+    covariance: np.ndarray, shrinkage: float | None = None, rows: np.ndarray | None = None
+) -> np.ndarray:
     """Symmetrised inverse of Ledoit-Wolf covariances, (d, d) or stacked (..., d, d).
 
     A covariance shrunk towards mu * I with shrinkage > 0 is positive definite, so the plain
     inverse (LU) serves; it equals scikit-learn's ``pinvh`` up to rounding at a third of the
     CPU for d = 1280 and a tenth for d = 320. A matrix that is singular in floating point
     (shrinkage 0 on rank-deficient data) falls back to the eigenvalue pseudo-inverse.
+
+    Given the (n, d) ``rows`` that one (d, d) covariance was fitted on and its
+    ``shrinkage``, with fewer rows than dimensions, the precision comes from the rows'
+    thin SVD instead (:func:`_precision_from_rows`: n^2 d + n d^2 operations instead of
+    d^3; for 96 rows of 1280 dimensions a tenth of the CPU of the inverse).
     """
+    if rows is not None and shrinkage is not None and covariance.ndim == 2:
+        precision = _precision_from_rows(np.asarray(rows), covariance, float(shrinkage))
+        if precision is not None:
+            return precision
     try:
         precision = np.linalg.inv(covariance)
     except np.linalg.LinAlgError:
         precision = np.linalg.pinv(covariance, hermitian=True)
     return 0.5 * (precision + np.swapaxes(precision, -1, -2))
+
+
+def _precision_from_rows(
+    rows: np.ndarray, covariance: np.ndarray, shrinkage: float
+) -> np.ndarray | None:
+    """The inverse of ``covariance = (1 - s) S + s mu I`` (S the rows' biased covariance,
+    mu = trace(S) / d = trace(covariance) / d, s the shrinkage) from the thin SVD of the
+    centred rows, ``Y = U diag(sigma) V^T``, so ``S = V diag(sigma^2 / n) V^T``::
+
+        precision = I / a - B^T B,    a = s mu,
+        B = diag(sqrt(1 / a - 1 / ((1 - s) sigma^2 / n + a))) V^T
+
+    (the precision is 1/a off the rows' span). None where it does not pay or does not
+    apply: at least as many rows as dimensions, or no shrinkage (a = 0).
+    """
+    n, d = rows.shape
+    a = shrinkage * float(np.trace(covariance)) / d
+    if n >= d or not a > 0.0 or not np.isfinite(a):
+        return None
+    centred = rows.astype(np.float64) - rows.mean(axis=0, dtype=np.float64)
+    with threadpool_limits(1, user_api="blas"):  # thin products: see BatchMoments.from_array
+        _, sigma, vt = np.linalg.svd(centred, full_matrices=False)
+        eigenvalues = (1.0 - shrinkage) * sigma**2 / n + a  # the covariance's, along vt
+        b = np.sqrt(np.clip(1.0 / a - 1.0 / eigenvalues, 0.0, None))[:, None] * vt
+        precision = b.T @ b  # symmetric as computed (BLAS syrk): no symmetrising pass
+    np.negative(precision, out=precision)
+    precision[np.diag_indices(d)] += 1.0 / a
+    return precision
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 from sklearn.covariance import LedoitWolf
 
 from gaussian_ad.stats.gaussian import GaussianAD
-from gaussian_ad.stats.moments import BatchMoments, Moments, ledoit_wolf
+from gaussian_ad.stats.moments import BatchMoments, Moments, ledoit_wolf, shrunk_precision
 
 
 def rel_err(a, b) -> float:
@@ -68,6 +68,37 @@ def test_n_less_than_d_and_single_feature():
     assert (
         rel_err(ledoit_wolf(Moments.from_array(one))[0], LedoitWolf().fit(one).covariance_) < 1e-9
     )
+
+
+@pytest.mark.parametrize(("n", "d", "offset"), [(24, 300, 0.0), (48, 480, 50.0)])
+def test_precision_from_the_rows_equals_the_inverse(n, d, offset):
+    """Fewer rows than dimensions: the precision from the rows' thin SVD is the inverse of
+    the Ledoit-Wolf covariance (scikit-learn's ``pinvh``), exactly symmetric, and a fit from
+    the rows gives the model a fit from their statistics alone gives."""
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(n, d)) @ (rng.normal(size=(d, d)) / np.sqrt(d)) + offset).astype(
+        np.float32
+    )
+    covariance, shrinkage = ledoit_wolf(Moments.from_array(x))
+    assert 0.0 < shrinkage < 1.0
+    from_rows = shrunk_precision(covariance, shrinkage, x)
+    assert np.array_equal(from_rows, from_rows.T)
+    assert rel_err(from_rows, LedoitWolf().fit(x.astype(np.float64)).precision_) < 1e-9
+    from_sums = GaussianAD().fit_moments([Moments.from_array(x)])
+    assert rel_err(GaussianAD().fit([x]).precisions_[0], from_sums.precisions_[0]) < 1e-9
+
+
+def test_precision_from_the_rows_falls_back_to_the_inverse():
+    """As many rows as dimensions, or no shrinkage: the plain inverse."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(40, 30))
+    covariance, shrinkage = ledoit_wolf(Moments.from_array(x))
+    np.testing.assert_array_equal(
+        shrunk_precision(covariance, shrinkage, x), shrunk_precision(covariance)
+    )
+    thin = rng.normal(size=(5, 30))
+    unshrunk = np.cov(thin.T, bias=True) + np.eye(30)
+    np.testing.assert_array_equal(shrunk_precision(unshrunk, 0.0, thin), shrunk_precision(unshrunk))
 
 
 def test_incremental_fit_equals_full_refit():
