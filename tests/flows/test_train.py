@@ -103,6 +103,10 @@ def test_training_registers_a_tagged_champion(trained, mlflow_uri, tmp_path):
     assert run.data.metrics["n_train"] == 25
     assert 0 <= run.data.metrics["test_fpr"] <= 1 and run.data.metrics["test_recall"] >= 0.5
     assert run.data.params["data_fingerprint"].startswith(tags["data_fingerprint"])
+    # The pooling "auto" chose, and its evidence: the disc sits inside the frame
+    assert run.data.params["patch_pool_radius"] == "auto"
+    assert run.data.params["patch_pool_chosen"] == "position-free"
+    assert 0 <= float(run.data.params["border_peak_share"]) <= 0.5
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in client.list_artifacts(trained["run_id"])}
