@@ -378,11 +378,14 @@ class Detector:
 
     def describe(self) -> str:
         """The configuration's one line (:meth:`DetectorConfig.describe`), with the pooling
-        chosen at fit in place of "auto"."""
+        chosen at fit in place of "auto", and its evidence."""
         choice = getattr(self, "pool_choice_", None)
         if choice is None:
             return self.config.describe()
-        return self.config.replace(patch_pool_radius=choice.radius).describe() + " (auto)"
+        share = choice.border_peak_share
+        evidence = "" if np.isnan(share) else f": {share:.0%} of the good images peak on the border"
+        described = self.config.replace(patch_pool_radius=choice.radius).describe()
+        return f"{described} (auto{evidence})"
 
     def _image_model(self) -> GaussianAD:
         return GaussianAD(

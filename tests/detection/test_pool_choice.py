@@ -86,7 +86,10 @@ def test_a_frame_that_is_normal_only_at_the_border_chooses_per_position_maps(tmp
     assert detector.pool_choice_.border_peak_share > 0.75
     assert detector.patch_model_.pool_radius == 0 and detector.pool_radius == 0
     assert detector.patch_model_.means_.shape == (GRID * GRID, DIM)  # one per position
-    assert detector.describe().endswith("per-position maps (auto)")
+    share = f"{detector.pool_choice_.border_peak_share:.0%}"
+    assert detector.describe().endswith(
+        f"per-position maps (auto: {share} of the good images peak on the border)"
+    )
     # The chosen model is one of the two kinds, and the file keeps the evidence
     loaded = Detector.load(detector.save(tmp_path / "framed.safetensors"))
     assert loaded.config.patch_pool_radius == "auto"
@@ -103,7 +106,7 @@ def test_a_part_that_moves_chooses_position_free_maps():
     assert detector.pool_choice_.radius is None
     assert detector.pool_choice_.border_peak_share < 0.2
     assert detector.patch_model_.means_.shape == (1, DIM)
-    assert detector.describe().endswith("position-free maps (auto)")
+    assert "position-free maps (auto: " in detector.describe()
 
 
 def test_the_chosen_model_is_the_one_fitted_with_that_pooling():
