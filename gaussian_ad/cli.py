@@ -455,7 +455,6 @@ def evaluate(
     """Fit on train/good (calibrated out of fold), report test AUROC per category
     (summed and per level; with --patch also patch, fused, pixel AUROC and PRO)."""
     from gaussian_ad.data.images import mvtec_categories
-    from gaussian_ad.evaluation.evaluate import evaluate_category, summary
 
     if json_out:
         preflight.writable_file(json_out, "--json")
@@ -479,6 +478,11 @@ def evaluate(
     categories = category or mvtec_categories(data_root)
     if not categories:
         raise typer.BadParameter(f"no MVTec-layout categories under {data_root}")
+    with _loading():
+        from gaussian_ad.detection.detector import Detector
+        from gaussian_ad.evaluation.evaluate import evaluate_category, summary
+
+        Detector(config, loader).backbone_module()  # the one every category's fit uses
     results = []
     for name in categories:
         typer.echo(f"[{name}] fitting, calibrating and scoring")

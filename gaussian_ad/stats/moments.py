@@ -207,11 +207,10 @@ def _precision_from_rows(
     if n >= d or not a > 0.0 or not np.isfinite(a):
         return None
     centred = rows.astype(np.float64) - rows.mean(axis=0, dtype=np.float64)
-    with threadpool_limits(1, user_api="blas"):  # thin products: see BatchMoments.from_array
-        _, sigma, vt = np.linalg.svd(centred, full_matrices=False)
-        eigenvalues = (1.0 - shrinkage) * sigma**2 / n + a  # the covariance's, along vt
-        b = np.sqrt(np.clip(1.0 / a - 1.0 / eigenvalues, 0.0, None))[:, None] * vt
-        precision = b.T @ b  # symmetric as computed (BLAS syrk): no symmetrising pass
+    _, sigma, vt = np.linalg.svd(centred, full_matrices=False)
+    eigenvalues = (1.0 - shrinkage) * sigma**2 / n + a  # the covariance's, along vt
+    b = np.sqrt(np.clip(1.0 / a - 1.0 / eigenvalues, 0.0, None))[:, None] * vt
+    precision = b.T @ b  # symmetric as computed (BLAS syrk): no symmetrising pass
     np.negative(precision, out=precision)
     precision[np.diag_indices(d)] += 1.0 / a
     return precision
