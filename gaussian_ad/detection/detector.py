@@ -236,12 +236,16 @@ class Detector:
         if image_base is not None:
             image_total = [a + b for a, b in zip(image_base, image_total, strict=True)]
         choosing = patch_base is None and self.config.patch_pool_radius == "auto"
-        # A position-free model keeps pooled sums; the choice needs the per-position ones
-        keep = (lambda m: m) if choosing else self._patch_model().kept_moments
-        patch_parts = [keep(patch_moments(store, mask)) for mask in masks] if layout else []
+        # A position-free model keeps pooled sums, and they are all the choice needs
+        pooled = PatchGaussian(pool_radius=None) if choosing else self._patch_model()
+        patch_parts = []
+        if layout is not None:
+            patch_parts = [pooled.kept_moments(patch_moments(store, mask)) for mask in masks]
         patch_total = None
         if layout is not None:
             patch_total = sum(patch_parts) if patch_base is None else patch_base + sum(patch_parts)
+        if patch_base is None:
+            self.pool_choice_ = None
         if choosing and layout is not None:
             self.pool_choice_ = self._choose_pooling(
                 lambda k: patch_total - patch_parts[k],
@@ -250,10 +254,9 @@ class Detector:
                 len(masks),
                 layout.grid,
             )
-            patch_parts = [self._patch_model().kept_moments(p) for p in patch_parts]
-            patch_total = self._patch_model().kept_moments(patch_total)
-        elif patch_base is None:
-            self.pool_choice_ = None
+            if self.pool_choice_.radius == 0:  # per position: its sums, a second pass
+                patch_parts = [patch_moments(store, mask) for mask in masks]
+                patch_total = sum(patch_parts)
 
         def image_model(k: int | None) -> GaussianAD:
             """The image-level model without fold ``k`` (None: with every fold)."""
@@ -341,8 +344,9 @@ class Detector:
     ) -> PoolChoice | None:
         """With ``patch_pool_radius="auto"``, choose the pooling from where the normals'
         out-of-fold position-free score grids peak (:mod:`gaussian_ad.stats.pooling`);
-        else None. ``held_out_sums(k)`` are the per-position sums without fold ``k``,
-        whose patches ``read_patches(fold_rows(k))`` gives, ``STORE_CHUNK`` rows at a time."""
+        else None. ``held_out_sums(k)`` are the sums without fold ``k`` (per position or
+        pooled), whose patches ``read_patches(fold_rows(k))`` gives, ``STORE_CHUNK`` rows at
+        a time."""
         if self.config.patch_pool_radius != "auto":
             return None
         on_border = []
