@@ -301,28 +301,35 @@ def test_a_model_that_flags_its_own_training_images_is_refused():
     assert detector.calibrate_out_of_fold(fold_models, fold_scores, folds, 0.1).threshold > 0
 
 
-def test_a_store_fit_chooses_the_pooling_as_the_in_memory_fit(small_dataset, tmp_path):
-    """A texture fills the frame, so the backbone's zero padding sets its border apart: both
-    fits choose the per-position model (the store's from pooled sums, then its per-position
-    sums in a second pass) and calibrate alike."""
+def extracted_store(path, records, detector: Detector):
+    """A feature store of ``records`` with ``detector``'s levels and patch layout, in shards
+    of 10 rows."""
     from gaussian_ad.features.shards import create_store, extract_shard
     from gaussian_ad.store.feature_store import FeatureStore
 
-    records = mvtec_manifest(small_dataset, "weave", splits=("train",))
-    config = DetectorConfig("lite0", "8-9", patch_channels=20, input_size=160)
-    detector = Detector(config).fit([r.path for r in records], target_fpr=0.1)
     backbone = detector.backbone_module()
     store = create_store(
-        str(tmp_path / "s.zarr"),
+        str(path),
         records,
         backbone,
-        levels=config.image_levels,
-        shard_size=13,
+        levels=detector.config.image_levels,
+        shard_size=10,
         patch_layout=detector.patch_layout_,
     )
     for shard in store.pending_shards():
         extract_shard(store, shard, backbone)
-    out_of_core = Detector(config).fit_store(FeatureStore.open(store.url), target_fpr=0.1)
+    return FeatureStore.open(store.url)
+
+
+def test_a_store_fit_chooses_the_pooling_as_the_in_memory_fit(small_dataset, tmp_path):
+    """A texture fills the frame, so the backbone's zero padding sets its border apart: both
+    fits choose the per-position model (the store's from pooled sums, then its per-position
+    sums in a second pass) and calibrate alike."""
+    records = mvtec_manifest(small_dataset, "weave", splits=("train",))
+    config = DetectorConfig("lite0", "8-9", patch_channels=20, input_size=160)
+    detector = Detector(config).fit([r.path for r in records], target_fpr=0.1)
+    store = extracted_store(tmp_path / "s.zarr", records, detector)
+    out_of_core = Detector(config).fit_store(store, target_fpr=0.1)
     assert detector.pool_choice_.radius == 0 and out_of_core.pool_choice_ == detector.pool_choice_
     assert out_of_core.patch_model_.means_.shape == detector.patch_model_.means_.shape
     np.testing.assert_allclose(
@@ -333,8 +340,6 @@ def test_a_store_fit_chooses_the_pooling_as_the_in_memory_fit(small_dataset, tmp
 
 def test_out_of_fold_scores_equal_models_fitted_without_each_fold(small_dataset, tmp_path):
     """Cross-fitting by subtraction, in memory and out-of-core, against direct refits."""
-    from gaussian_ad.features.shards import create_store, extract_shard
-    from gaussian_ad.store.feature_store import FeatureStore
     from gaussian_ad.store.plan import fold_ids
 
     records = mvtec_manifest(small_dataset, "disc", splits=("train",))
@@ -342,18 +347,7 @@ def test_out_of_fold_scores_equal_models_fitted_without_each_fold(small_dataset,
     config = DetectorConfig("lite0", "8-9", patch=True, score="fused", patch_channels=20)
     detector = Detector(config).fit(paths, target_fpr=0.1)
     folds = fold_ids(paths, seed=config.seed)
-    backbone = detector.backbone_module()
-    store = create_store(
-        str(tmp_path / "s.zarr"),
-        records,
-        backbone,
-        levels=config.image_levels,
-        shard_size=10,
-        patch_layout=detector.patch_layout_,
-    )
-    for shard in store.pending_shards():
-        extract_shard(store, shard, backbone)
-    store = FeatureStore.open(store.url)
+    store = extracted_store(tmp_path / "s.zarr", records, detector)
     out_of_core = Detector(config).fit_store(store, target_fpr=0.1)
     for k in range(5):
         rows = np.flatnonzero(folds == k)
