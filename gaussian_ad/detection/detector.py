@@ -154,9 +154,9 @@ class Detector:
         levels = pick_levels(passed.pooled, passed.levels, self.config.image_levels)
         folds = fold_ids(keys, seed=self.config.seed)  # the folds a store of them would get
         patches, patch_total = passed.patches, passed.patch_sums
-        self.pool_choice_ = None
+        self.pool_choice_, free = None, FreeFolds()
         if patch_total is not None and layout is not None:
-            self.pool_choice_ = self._choose_pooling(
+            self.pool_choice_, free = self._choose_pooling(
                 lambda k: (
                     patch_total - BatchMoments.from_array(patches[folds == k], patch_total.shift)
                 ),
@@ -176,16 +176,21 @@ class Detector:
         def fold_models(k: int) -> tuple[GaussianAD, PatchGaussian | None]:
             kept = folds != k
             image = self._image_model().fit([x[kept] for x in levels])
-            if patch_total is None:
-                return image, None
+            reused = free.model(self, k)
+            if patch_total is None or reused is not None:
+                return image, reused
             held = BatchMoments.from_array(patches[~kept], patch_total.shift)
             return image, self._patch_model().fit_moments(patch_total - held)
 
         def fold_scores(held_out: Detector, k: int) -> Scores:
             rows = np.flatnonzero(folds == k)
-            fold_patches = None if patches is None else patches[rows]
+            known = free.patch_scores_of(held_out, k)
+            fold_patches = None if patches is None or known is not None else patches[rows]
             return held_out.score_features(
-                [x[rows] for x in levels], fold_patches, index=passed.index[rows]
+                [x[rows] for x in levels],
+                fold_patches,
+                index=passed.index[rows],
+                patch_scores=known,
             )
 
         return self.calibrate_out_of_fold(fold_models, fold_scores, folds, target_fpr)
@@ -244,10 +249,11 @@ class Detector:
         patch_total = None
         if layout is not None:
             patch_total = sum(patch_parts) if patch_base is None else patch_base + sum(patch_parts)
+        free = FreeFolds()
         if patch_base is None:
             self.pool_choice_ = None
         if choosing and layout is not None:
-            self.pool_choice_ = self._choose_pooling(
+            self.pool_choice_, free = self._choose_pooling(
                 lambda k: patch_total - patch_parts[k],
                 lambda k: rows[folds == k],
                 store.read_patches,
@@ -276,11 +282,15 @@ class Detector:
             return None if moments is None else self._patch_model().fit_moments(moments, grid)
 
         def fold_models(k: int) -> tuple[GaussianAD, PatchGaussian | None]:
+            reused = free.model(self, k)
+            if reused is not None:
+                return image_model(k), reused
             held_out = None if patch_total is None else patch_total - patch_parts[k]
             return image_model(k), patch_model(held_out)
 
         def fold_scores(held_out: Detector, k: int) -> Scores:
-            return score_store_rows(held_out, store, rows[folds == k])
+            known = free.patch_scores_of(held_out, k)
+            return score_store_rows(held_out, store, rows[folds == k], patch_scores=known)
 
         self.set_models(image_model(None), patch_model(patch_total), layout, store.errors())
         self.weights_fingerprint_ = store.config.get("weights_fingerprint")
@@ -341,21 +351,25 @@ class Detector:
         read_patches: Callable[[np.ndarray], np.ndarray],
         n_folds: int,
         grid: int,
-    ) -> PoolChoice | None:
+    ) -> tuple[PoolChoice | None, FreeFolds]:
         """With ``patch_pool_radius="auto"``, choose the pooling from where the normals'
         out-of-fold position-free score grids peak (:mod:`gaussian_ad.stats.pooling`);
         else None. ``held_out_sums(k)`` are the sums without fold ``k`` (per position or
         pooled), whose patches ``read_patches(fold_rows(k))`` gives, ``STORE_CHUNK`` rows at
-        a time."""
+        a time. The position-free fold models and their folds' patch scores come back too,
+        for the calibration to reuse when that model is chosen."""
         if self.config.patch_pool_radius != "auto":
-            return None
-        on_border = []
+            return None, FreeFolds()
+        on_border, free = [], FreeFolds()
         for k in range(n_folds):
-            free = PatchGaussian(pool_radius=None).fit_moments(held_out_sums(k), grid)
-            rows = fold_rows(k)
+            model = PatchGaussian(pool_radius=None).fit_moments(held_out_sums(k), grid)
+            rows, scores = fold_rows(k), []
             for start in range(0, len(rows), STORE_CHUNK):
-                chunk = read_patches(rows[start : start + STORE_CHUNK])
-                on_border.append(peaks_on_border(free.score_maps(chunk)))
+                grids = model.score_maps(read_patches(rows[start : start + STORE_CHUNK]))
+                on_border.append(peaks_on_border(grids))
+                scores.append(model.maps_of(grids, self.config.image_size)[0])
+            free.models.append(model)
+            free.patch_scores.append(np.concatenate(scores) if scores else np.empty(0))
         choice = PoolChoice.from_peaks(np.concatenate(on_border), grid)
         logger.info(
             "patch model: %s (the position-free maps of %.0f%% of %d out-of-fold normals "
@@ -364,7 +378,7 @@ class Detector:
             100 * choice.border_peak_share,
             choice.n_images,
         )
-        return choice
+        return choice, free
 
     @property
     def pool_radius(self) -> int | None:
@@ -635,6 +649,24 @@ def patch_path(path: str | Path) -> Path:
 
 
 @dataclass
+class FreeFolds:
+    """The position-free fold models fitted for the pooling choice, and each fold's patch
+    scores under its model: the calibration reuses both when that model is chosen."""
+
+    models: list[PatchGaussian] = dataclasses.field(default_factory=list)
+    patch_scores: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def model(self, detector: Detector, k: int) -> PatchGaussian | None:
+        """Fold ``k``'s position-free model when ``detector`` chose it, else None."""
+        return self.models[k] if self.models and detector.pool_radius is None else None
+
+    def patch_scores_of(self, held_out: Detector, k: int) -> np.ndarray | None:
+        """Fold ``k``'s patch scores, when ``held_out`` scores with this fold's model."""
+        known = self.models and held_out.patch_model_ is self.models[k]
+        return self.patch_scores[k] if known else None
+
+
+@dataclass
 class TrainingPass:
     """What one backbone pass over training images gives: pooled features of every
     backbone level, patch features and their sums (all kept: PCA needs the pooled features
@@ -678,20 +710,32 @@ def _row_mask(n_rows: int, rows: np.ndarray) -> np.ndarray:
 
 
 def score_store_rows(
-    detector: Detector, store: FeatureStore, rows: np.ndarray, maps: bool = False
+    detector: Detector,
+    store: FeatureStore,
+    rows: np.ndarray,
+    maps: bool = False,
+    patch_scores: np.ndarray | None = None,
 ) -> Scores:
     """Score a feature store's rows (those that decoded) from their stored features.
 
     ``index`` of the result holds the store rows. Patch features are read and scored
-    ``STORE_CHUNK`` rows at a time.
+    ``STORE_CHUNK`` rows at a time, unless the rows' ``patch_scores`` are given (then
+    ``rows`` must all have decoded, and no maps are made).
     """
     rows = np.asarray(rows)
-    rows = rows[store.valid()[rows]]
+    valid = store.valid()[rows]
+    if patch_scores is not None and not valid.all():
+        raise ValueError("patch scores given for rows that did not decode")
+    rows = rows[valid]
     with_patches = detector.patch_model_ is not None and store.patch_layout is not None
+    with_patches = with_patches and patch_scores is None
     parts = []
     for start in range(0, len(rows), STORE_CHUNK):
         chunk = rows[start : start + STORE_CHUNK]
         levels = [store.read_rows(level, chunk) for level in detector.config.image_levels]
         patches = store.read_patches(chunk) if with_patches else None
-        parts.append(detector.score_features(levels, patches, maps, index=chunk))
+        known = None if patch_scores is None else patch_scores[start : start + STORE_CHUNK]
+        parts.append(
+            detector.score_features(levels, patches, maps, index=chunk, patch_scores=known)
+        )
     return concat_scores(parts or [detector.empty_scores(maps)], [])

@@ -370,9 +370,13 @@ class PatchGaussian(Estimator):
         smoothed with a Gaussian of ``sigma`` pixels (None: ``size / grid_``, one cell); an
         image's score is its map's maximum.
         """
+        return self.maps_of(self.score_maps(features), size)
+
+    def maps_of(self, score_grids: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`anomaly_maps` from (B, grid, grid) grids of :meth:`score_maps`."""
         axis = self.map_matrix(size)
         with threadpool_limits(1, user_api="blas"):
-            maps = axis @ self.score_maps(features) @ axis.T
+            maps = axis @ score_grids @ axis.T
         return maps.reshape(len(maps), -1).max(axis=1), maps.astype(np.float32)
 
     def map_matrix(self, size: int) -> np.ndarray:

@@ -109,14 +109,19 @@ def test_a_part_that_moves_chooses_position_free_maps():
     assert "position-free maps (auto: " in detector.describe()
 
 
-def test_the_chosen_model_is_the_one_fitted_with_that_pooling():
+@pytest.mark.parametrize(
+    ("patches", "radius"), [(framed_patches, 0), (shifted_object_patches, None)]
+)
+def test_the_chosen_model_is_the_one_fitted_with_that_pooling(patches, radius):
     """Auto is a choice between the two existing models, nothing else: its calibration and
-    scores equal those of the configuration that names the chosen pooling."""
-    patches = framed_patches()
-    auto, named = fit_on(patches), fit_on(patches, CONFIG.replace(patch_pool_radius=0))
-    assert named.pool_choice_ is None
+    scores equal those of the configuration that names the chosen pooling (position-free:
+    with the choice's fold models and patch scores reused)."""
+    patches = patches()
+    auto, named = fit_on(patches), fit_on(patches, CONFIG.replace(patch_pool_radius=radius))
+    assert named.pool_choice_ is None and auto.pool_radius == radius
     assert auto.threshold == pytest.approx(named.threshold, rel=1e-12)
     np.testing.assert_allclose(auto.oof_scores_.patch_scores, named.oof_scores_.patch_scores)
+    np.testing.assert_allclose(auto.oof_scores_.level_scores, named.oof_scores_.level_scores)
 
 
 def test_a_named_pooling_is_not_chosen_and_auto_needs_a_fit():
