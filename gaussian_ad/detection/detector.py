@@ -162,7 +162,7 @@ class Detector:
                 ),
                 lambda k: np.flatnonzero(folds == k),
                 patches.__getitem__,
-                int(folds.max()) + 1,
+                folds,
                 layout.grid,
             )
         self.set_models(
@@ -257,7 +257,7 @@ class Detector:
                 lambda k: patch_total - patch_parts[k],
                 lambda k: rows[folds == k],
                 store.read_patches,
-                len(masks),
+                folds,
                 layout.grid,
             )
             if self.pool_choice_.radius == 0:  # per position: its sums, a second pass
@@ -307,15 +307,10 @@ class Detector:
         """Score every fold with the models fitted without it, calibrate on those scores.
 
         ``oof_scores_`` keeps them, in the order of the training rows' ``index``. Each fold's
-        model needs 2 images of the other folds: fewer training images are refused, counted
-        as given (a fold model's count would say 1 of 2). The first fold is scored by the
-        whole model too: one that flags its own training images is refused.
+        model needs 2 images of the other folds (:func:`check_fold_sizes`). The first fold is
+        scored by the whole model too: one that flags its own training images is refused.
         """
-        if len(folds) - np.bincount(folds).max() < 2:
-            raise ValueError(
-                f"need at least 3 readable training images to calibrate out of fold (each "
-                f"image is scored by a model fitted on the others), got {len(folds)}"
-            )
+        check_fold_sizes(folds)
         parts = []
         for k in range(int(folds.max()) + 1):
             image, patch = fold_models(k)
@@ -349,19 +344,21 @@ class Detector:
         held_out_sums: Callable[[int], BatchMoments],
         fold_rows: Callable[[int], np.ndarray],
         read_patches: Callable[[np.ndarray], np.ndarray],
-        n_folds: int,
+        folds: np.ndarray,
         grid: int,
     ) -> tuple[PoolChoice | None, FreeFolds]:
         """With ``patch_pool_radius="auto"``, choose the pooling from where the normals'
         out-of-fold position-free score grids peak (:mod:`gaussian_ad.stats.pooling`);
         else None. ``held_out_sums(k)`` are the sums without fold ``k`` (per position or
         pooled), whose patches ``read_patches(fold_rows(k))`` gives, ``STORE_CHUNK`` rows at
-        a time. The position-free fold models and their folds' patch scores come back too,
-        for the calibration to reuse when that model is chosen."""
+        a time; ``folds`` holds each training row's fold. The position-free fold models and
+        their folds' patch scores come back too, for the calibration to reuse when that
+        model is chosen."""
         if self.config.patch_pool_radius != "auto":
             return None, FreeFolds()
+        check_fold_sizes(folds)
         on_border, free = [], FreeFolds()
-        for k in range(n_folds):
+        for k in range(int(folds.max()) + 1):
             model = PatchGaussian(pool_radius=None).fit_moments(held_out_sums(k), grid)
             rows, scores = fold_rows(k), []
             for start in range(0, len(rows), STORE_CHUNK):
@@ -628,6 +625,16 @@ class Detector:
             if metadata.get("calibration") is not None:
                 detector.calibration_ = Calibration.from_dict(metadata["calibration"])
         return detector
+
+
+def check_fold_sizes(folds: np.ndarray) -> None:
+    """Refuse folds that leave a fold model fewer than 2 images (fewer than 3 training
+    images), counted as given: a fold model's count would say 1 of 2."""
+    if len(folds) - np.bincount(folds).max() < 2:
+        raise ValueError(
+            f"need at least 3 readable training images to calibrate out of fold (each "
+            f"image is scored by a model fitted on the others), got {len(folds)}"
+        )
 
 
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
